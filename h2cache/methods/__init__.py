@@ -1,0 +1,36 @@
+"""Registry of cache methods: the name ``h2cache.apply`` takes -> (config class, method class)."""
+
+from __future__ import annotations
+
+from ..config import H2CacheConfig, NoCacheConfig
+from .base import CacheMethod
+from .h2 import H2Cache
+from .none import NoCache
+
+METHODS = {
+    "none": (NoCacheConfig, NoCache),
+    "h2": (H2CacheConfig, H2Cache),
+}
+
+
+def build_method(method, **params) -> CacheMethod:
+    """A method instance from a name and keyword parameters, or from a config object."""
+    if not isinstance(method, str):
+        if params:
+            raise TypeError("pass either a config object or a method name with parameters, not both")
+        config = method
+        method = getattr(config, "method", None)
+        if method not in METHODS or not isinstance(config, METHODS[method][0]):
+            raise TypeError(f"not a cache config: {type(config).__name__}")
+        return METHODS[method][1](config)
+    if method not in METHODS:
+        raise ValueError(f"unknown cache method {method!r}; choose one of {', '.join(METHODS)}")
+    config_class, method_class = METHODS[method]
+    try:
+        config = config_class(**params)
+    except TypeError as error:
+        raise ValueError(f"method {method!r}: {error}") from None
+    return method_class(config)
+
+
+__all__ = ["METHODS", "CacheMethod", "build_method"]
