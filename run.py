@@ -1,0 +1,237 @@
+"""Generate one FLUX image with a cache: ``python run.py --prompt "..."``.
+
+Edit the constants below, or override any of them with a flag (``python run.py --help``). With an NVIDIA GPU and
+nunchaku this runs 4-bit FLUX.1-dev; with a GPU and no nunchaku, bf16 diffusers FLUX.1-dev; without CUDA, the
+embedded CPU model. It writes the PNG, a JSON record beside it (parameters, timing, blocks run, per-step trace)
+and, with --plot, the probe distances against their thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+# --- editable defaults ---------------------------------------------------------------------------------------------
+PROMPT = "a small red circle at the left on a blue background"
+MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
+TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
+NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
+METHOD = "h2"  # none | h2
+TAU1, TAU2 = 0.15, 0.22  # H2-Cache structure / detail thresholds (the authors' values)
+POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
+MODE = "official"  # official: a stage-1 hit forces stage-2 reuse | independent: stage 2 judged on its own
+STEPS = None  # None: the model's default (50 for FLUX.1-dev, the embedded model's own)
+GUIDANCE = None  # None: the model's default (3.5 for FLUX.1-dev)
+HEIGHT = WIDTH = None  # None: the model's native size (1024 for FLUX.1-dev); multiples of 16
+SEED = 0
+OUT = "outputs"
+LORA = None  # "path/to/lora.safetensors:0.8"
+# -------------------------------------------------------------------------------------------------------------------
+
+FLUX_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 3.5}
+MODEL_DEFAULT = "the model's"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from h2cache import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def arg(*names, help, shown=None, **options):
+        if "action" not in options:
+            default = options.get("default")
+            help = f"{help} (default: {shown or (MODEL_DEFAULT if default is None else default)})"
+        parser.add_argument(*names, help=help, **options)
+
+    arg("--prompt", default=PROMPT, help="what to draw")
+    arg("--method", default=METHOD, choices=sorted(METHODS), help="cache method")
+    arg("--tau1", type=float, default=TAU1, help="H2-Cache structure threshold (double-stream stage)")
+    arg("--tau2", type=float, default=TAU2, help="H2-Cache detail threshold (single-stream stage)")
+    arg("--pool1", type=int, default=POOL1, help="stage-1 PFS divisor (kernel = max(1, image tokens // pool1))")
+    arg("--pool2", type=int, default=POOL2, help="stage-2 PFS divisor (kernel = max(1, all tokens // pool2))")
+    arg("--mode", default=MODE, choices=["official", "independent"], help="H2-Cache stage coupling")
+    arg(
+        "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"
+    )
+    arg("--steps", type=int, default=STEPS, help="denoising steps")
+    arg("--guidance", type=float, default=GUIDANCE, help="distilled guidance scale")
+    arg("--height", type=int, default=HEIGHT, help="image height in pixels, a multiple of 16")
+    arg("--width", type=int, default=WIDTH, help="image width in pixels, a multiple of 16")
+    arg("--seed", type=int, default=SEED, help="random seed of the initial noise")
+    arg("--model", default=MODEL, help="auto, tiny, random, nunchaku, diffusers, a local diffusers folder or a hub id")
+    arg(
+        "--transformer",
+        default=TRANSFORMER,
+        help="nunchaku transformer: safetensors file or org/repo/file",
+        shown="FLUX.1-dev at this GPU's precision",
+    )
+    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["v1", "v2"], help="nunchaku transformer class")
+    arg(
+        "--lora",
+        default=LORA,
+        metavar="PATH[:SCALE]",
+        help="a LoRA file and its strength (1.0 if omitted)",
+        shown="none",
+    )
+    arg("--out", default=OUT, type=Path, help="output folder")
+    arg("--plot", action="store_true", help="also write a PNG of the probe distances against the thresholds")
+    return parser
+
+
+def fail(message: str) -> None:
+    print(f"run.py: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def parse_lora(value: str | None) -> tuple[str, float] | None:
+    """``PATH[:SCALE]``; the scale is split off the last colon only if it is a number (Windows drive letters)."""
+    if not value:
+        return None
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
+
+
+def method_params(args) -> dict:
+    """The flags that are parameters of the chosen method's config."""
+    from h2cache import METHODS
+
+    config_class = METHODS[args.method][0]
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name, None) is not None}
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether ``folder`` can be created or written, checked without creating anything."""
+    folder = folder.expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+def validate(args):
+    """Every cheap check, before any model is loaded. Returns the method config and the parsed LoRA."""
+    from h2cache.methods import build_method
+
+    try:
+        config = build_method(args.method, **method_params(args)).config
+    except ValueError as error:
+        fail(str(error))
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            fail(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps must be at least 1, got {args.steps}")
+    lora = parse_lora(args.lora)
+    if lora and not Path(lora[0]).expanduser().is_file():
+        fail(f"--lora: no file at {lora[0]}")
+    if not writable_folder(args.out):
+        fail(f"--out {args.out}: the folder cannot be written; choose another with --out")
+    return config, lora
+
+
+def output_stem(prompt: str, method: str, seed: int) -> str:
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "image"
+    return f"{slug}-{method}-seed{seed}"
+
+
+def generate(pipe, args, device: str):
+    """Run the pipeline once; the time covers the generation alone (CUDA-synchronised on a GPU)."""
+    import torch
+
+    call = dict(FLUX_DEFAULTS, **getattr(pipe, "h2cache_call_defaults", {}))
+    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)):
+        if value is not None:
+            call[key] = value
+    if args.height:
+        call["height"] = args.height
+    if args.width:
+        call["width"] = args.width
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    image = pipe(args.prompt, generator=generator, **call).images[0]
+    synchronize()
+    return image, time.perf_counter() - start, call
+
+
+def main(argv=None, facts=None) -> int:
+    args = build_parser().parse_args(argv)
+    config, lora = validate(args)
+
+    import h2cache
+    from h2cache.backends import detect_backend
+    from h2cache.models import SetupError, load_lora, load_planned, plan_model
+
+    try:
+        plan = plan_model(args.model, args.transformer, args.nunchaku_class, facts=facts)
+    except SetupError as error:
+        fail(str(error))
+    for notice in plan.notices:
+        print(f"run.py: {notice}")
+
+    pipe = load_planned(plan, seed=0)
+    pipe.set_progress_bar_config(disable=False)
+    if lora:
+        try:
+            load_lora(pipe, *lora)
+        except SetupError as error:
+            fail(str(error))
+    h2cache.apply(pipe, config)
+    image, seconds, call = generate(pipe, args, plan.device)
+
+    trace = h2cache.stats(pipe)
+    totals = h2cache.summary(pipe)
+    stem = args.out / output_stem(args.prompt, args.method, args.seed)
+    record = {
+        "prompt": args.prompt,
+        "method": config.method,
+        "params": config.to_dict(),
+        "model": plan.model,
+        "kind": plan.kind,
+        "backend": detect_backend(pipe.transformer).name,
+        "transformer": plan.transformer,
+        "device": plan.device,
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        "seed": args.seed,
+        "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"],
+        "height": image.height,
+        "width": image.width,
+        "lora": {"path": lora[0], "scale": lora[1]} if lora else None,
+        "time_s": seconds,
+        **{key: totals[key] for key in ("double_blocks_run", "single_blocks_run", "blocks_run", "blocks_total")},
+        "double_blocks_total": sum(r["double_blocks_total"] for r in trace),
+        "single_blocks_total": sum(r["single_blocks_total"] for r in trace),
+        "speedup_blocks": totals["speedup_blocks"],
+        "image": f"{stem.name}.png",
+        "h2cache_version": h2cache.__version__,
+        "trace": trace,
+    }
+
+    from h2cache.io import save_image, write_json
+
+    save_image(stem.with_suffix(".png"), image)
+    write_json(stem.with_suffix(".json"), record)
+    if args.plot:
+        from eval.trace_plot import plot_probe_distances
+
+        plot_probe_distances(trace, stem.parent / f"{stem.name}-distances.png", config)
+    print(
+        f"run.py: {config.method} on {record['backend']} ({plan.device}): {record['steps']} steps, "
+        f"{totals['blocks_run']}/{totals['blocks_total']} blocks ({totals['speedup_blocks']:.2f}x fewer), "
+        f"{seconds:.2f} s -> {stem.with_suffix('.png')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
