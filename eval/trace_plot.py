@@ -22,7 +22,7 @@ def plot_probe_distances(trace: list[dict], path: str | Path, config=None, branc
 
     records = [r for r in trace if r["branch"] == branch]
     figure, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    for axis, (decision_key, distance_key, threshold_name, title) in zip(axes, STAGES):
+    for axis, (decision_key, distance_key, threshold_name, title) in zip(axes, STAGES, strict=True):
         measured = [r for r in records if r[distance_key] is not None]
         steps = [r["step"] for r in measured]
         axis.plot(steps, [r[distance_key] for r in measured], color="0.6", linewidth=1)
