@@ -21,7 +21,8 @@ PROMPT = "a small red circle at the left on a blue background"
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
 NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
-METHOD = "h2"  # none | h2
+METHOD = "h2"  # none | h2 | dbfcache | fbcache (Block Cache) | teacache
+THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
 TAU1, TAU2 = 0.15, 0.22  # H2-Cache structure / detail thresholds (the authors' values)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
 MODE = "official"  # official: a stage-1 hit forces stage-2 reuse | independent: stage 2 judged on its own
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--tau2", type=float, default=TAU2, help="H2-Cache detail threshold (single-stream stage)")
     arg("--pool1", type=int, default=POOL1, help="stage-1 PFS divisor (kernel = max(1, image tokens // pool1))")
     arg("--pool2", type=int, default=POOL2, help="stage-2 PFS divisor (kernel = max(1, all tokens // pool2))")
+    arg(
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        help="Block Cache / TeaCache threshold",
+        shown="the method's: fbcache 0.12, teacache 0.6",
+    )
     arg("--mode", default=MODE, choices=["official", "independent"], help="H2-Cache stage coupling")
     arg(
         "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"

@@ -10,7 +10,7 @@ print(h2cache.summary(pipe)); h2cache.remove(pipe)   # per-step trace: h2cache.s
 from __future__ import annotations
 
 from .backends import detect_backend, foreign_cache, unwrap
-from .config import H2CacheConfig, NoCacheConfig
+from .config import DBFCacheConfig, FBCacheConfig, H2CacheConfig, NoCacheConfig, TeaCacheConfig
 from .controller import CacheController
 from .methods import METHODS, build_method
 from .models import load_pipeline
@@ -104,8 +104,11 @@ def _bind_sessions(pipe) -> None:
 __all__ = [
     "METHODS",
     "CacheController",
+    "DBFCacheConfig",
+    "FBCacheConfig",
     "H2CacheConfig",
     "NoCacheConfig",
+    "TeaCacheConfig",
     "apply",
     "controller_of",
     "load_pipeline",

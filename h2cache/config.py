@@ -75,3 +75,89 @@ class H2CacheConfig(MethodConfig):
             raise ValueError(f"H2CacheConfig.pfs must be True or False, got {self.pfs!r}")
         if self.mode not in H2_MODES:
             raise ValueError(f"H2CacheConfig.mode must be one of {H2_MODES}, got {self.mode!r}")
+
+
+@dataclass
+class DBFCacheConfig(MethodConfig):
+    r"""nunchaku's double first-block cache (``use_double_fb_cache=True``), H2-Cache's direct ancestor.
+
+    Two first-block caches in series, compared on full residuals (no PFS), stage 2 always judged on its own. Run
+    at H2-Cache's thresholds (the defaults here) it isolates what PFS and the forced stage-2 hit add; nunchaku's own
+    examples use 0.09 / 0.12 (V1) and 0.12 / 0.20 (V2).
+
+    Args:
+        tau1 (`float`, defaults to 0.15): double-stage threshold (``residual_diff_threshold_multi``).
+        tau2 (`float`, defaults to 0.22): single-stage threshold (``residual_diff_threshold_single``).
+    """
+
+    method = "dbfcache"
+    tau1: float = 0.15
+    tau2: float = 0.22
+
+    def __post_init__(self):
+        _check_threshold("DBFCacheConfig", "tau1", self.tau1)
+        _check_threshold("DBFCacheConfig", "tau2", self.tau2)
+
+
+@dataclass
+class FBCacheConfig(MethodConfig):
+    r"""Block Cache: nunchaku's first-block cache (from ParaAttention), the paper's "Block Cache" row.
+
+    Double block 0 is the probe; when its image residual is within ``threshold`` (relative L1, strict ``<``) of the
+    one stored at the last miss, the cached residual of all other blocks (double 1.. and every single block)
+    replaces them.
+
+    Args:
+        threshold (`float`, defaults to 0.12): nunchaku's recommended value ("2x at 50 steps").
+        pool (`int`, *optional*): a PFS divisor for the comparison. None compares full residuals, as upstream
+            nunchaku does; 2048 is the variant the H2-Cache fork runs (which one the paper used is unknown).
+    """
+
+    method = "fbcache"
+    threshold: float = 0.12
+    pool: int | None = None
+
+    def __post_init__(self):
+        _check_threshold("FBCacheConfig", "threshold", self.threshold)
+        if self.pool is not None:
+            _check_divisor("FBCacheConfig", "pool", self.pool)
+
+
+# TeaCache4FLUX's rescale polynomial (np.polyfit of input change -> output change over FLUX.1-dev runs).
+TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+@dataclass
+class TeaCacheConfig(MethodConfig):
+    r"""TeaCache4FLUX (Liu et al., "Timestep Embedding Tells", CVPR 2025), as ali-vilab/TeaCache @ 7c10efc runs it.
+
+    The indicator is double block 0's modulated image input. Its step-to-step relative L1, passed through a
+    rescale polynomial, accumulates; while the sum stays below ``threshold`` the whole step reuses the last
+    computed residual of all blocks; when it reaches the threshold the step is computed and the sum restarts.
+    The first and the last step are always computed.
+
+    Args:
+        threshold (`float`, defaults to 0.6): ``rel_l1_thresh``; the published speed-ups at 28 steps are 1.5x
+            (0.25), 1.8x (0.4), 2.0x (0.6), 2.25x (0.8). Since the polynomial is >= 0.18 on [0, 0.6], a
+            threshold caps consecutive reuses (0.8: four), so the H2 paper's 4.99x at 100 steps fits 0.8.
+        num_steps (`int`, *optional*): steps per generation, to force the last one. Taken from the pipeline's
+            scheduler when applied to a pipeline; needed only for a bare transformer.
+        coefficients (`tuple[float, ...]`): the rescale polynomial, highest power first (FLUX.1's by default).
+    """
+
+    method = "teacache"
+    threshold: float = 0.6
+    num_steps: int | None = None
+    coefficients: tuple[float, ...] = TEACACHE_FLUX_COEFFICIENTS
+
+    def __post_init__(self):
+        _check_threshold("TeaCacheConfig", "threshold", self.threshold)
+        if self.num_steps is not None and (
+            isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
+        ):
+            raise ValueError(f"TeaCacheConfig.num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if not self.coefficients or not all(
+            isinstance(c, (int, float)) and math.isfinite(c) for c in self.coefficients
+        ):
+            raise ValueError(f"TeaCacheConfig.coefficients must be finite numbers, got {self.coefficients!r}")
+        self.coefficients = tuple(float(c) for c in self.coefficients)

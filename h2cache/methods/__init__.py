@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from ..config import H2CacheConfig, NoCacheConfig
+from ..config import DBFCacheConfig, FBCacheConfig, H2CacheConfig, NoCacheConfig, TeaCacheConfig
 from .base import CacheMethod
+from .dbfcache import DBFCache
+from .fbcache import FBCache
 from .h2 import H2Cache
 from .none import NoCache
+from .teacache import TeaCache
 
 METHODS = {
     "none": (NoCacheConfig, NoCache),
     "h2": (H2CacheConfig, H2Cache),
+    "dbfcache": (DBFCacheConfig, DBFCache),
+    "fbcache": (FBCacheConfig, FBCache),
+    "teacache": (TeaCacheConfig, TeaCache),
 }
 
 

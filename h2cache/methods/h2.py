@@ -31,13 +31,15 @@ class H2State:
 
 
 class H2Cache(CacheMethod):
-    config: H2CacheConfig
+    def __init__(self, config: H2CacheConfig):
+        super().__init__(config)
+        self.rule = config  # the H2 parameters step() applies; a variant may derive them from its own config
 
     def new_state(self) -> H2State:
         return H2State()
 
     def step(self, run, state: H2State, streams):
-        config = self.config
+        config = self.rule
         pool1, pool2 = (config.pool1, config.pool2) if config.pfs else (None, None)
 
         probe = run.double_blocks(streams, 0, 1)
