@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -34,7 +33,6 @@ OUT = "outputs"
 LORA = None  # "path/to/lora.safetensors:0.8"
 # -------------------------------------------------------------------------------------------------------------------
 
-FLUX_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 3.5}
 MODEL_DEFAULT = "the model's"
 
 
@@ -150,33 +148,13 @@ def output_stem(prompt: str, method: str, seed: int) -> str:
     return f"{slug}-{method}-seed{seed}"
 
 
-def generate(pipe, args, device: str):
-    """Run the pipeline once; the time covers the generation alone (CUDA-synchronised on a GPU)."""
-    import torch
-
-    call = dict(FLUX_DEFAULTS, **getattr(pipe, "h2cache_call_defaults", {}))
-    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)):
-        if value is not None:
-            call[key] = value
-    if args.height:
-        call["height"] = args.height
-    if args.width:
-        call["width"] = args.width
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    image = pipe(args.prompt, generator=generator, **call).images[0]
-    synchronize()
-    return image, time.perf_counter() - start, call
-
-
 def main(argv=None, facts=None) -> int:
     args = build_parser().parse_args(argv)
     config, lora = validate(args)
 
     import h2cache
     from h2cache.backends import detect_backend
+    from h2cache.generate import call_arguments, timed_call
     from h2cache.models import SetupError, load_lora, load_planned, plan_model
 
     try:
@@ -194,7 +172,8 @@ def main(argv=None, facts=None) -> int:
         except SetupError as error:
             fail(str(error))
     h2cache.apply(pipe, config)
-    image, seconds, call = generate(pipe, args, plan.device)
+    call = call_arguments(pipe, args.steps, args.guidance, args.height, args.width)
+    image, seconds = timed_call(pipe, args.prompt, args.seed, call)
 
     trace = h2cache.stats(pipe)
     totals = h2cache.summary(pipe)
