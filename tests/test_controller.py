@@ -279,3 +279,59 @@ def test_lora_scale_in_joint_attention_kwargs_is_honoured(make_pipe):
         assert torch.equal(transformer(**inputs, joint_attention_kwargs={"scale": 0.5})[0], half)
         assert torch.equal(transformer(**inputs)[0], full)
     assert not torch.equal(half, full)
+
+
+def direct_inputs(transformer, batch=1, image_tokens=16, text_tokens=4):
+    torch.manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(batch, image_tokens, 64),
+        encoder_hidden_states=torch.randn(batch, text_tokens, 32),
+        pooled_projections=torch.randn(batch, 32),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 3.5),
+        img_ids=torch.randn(image_tokens, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+        return_dict=False,
+    )
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_controlnet_residuals_are_added_as_diffusers_adds_them(make_pipe, repeat):
+    transformer = make_pipe(TinyFluxSpec(num_double=3, num_single=5)).transformer
+    inputs = direct_inputs(transformer)
+    width = transformer.inner_dim
+    controlnet = dict(
+        controlnet_block_samples=[torch.randn(1, 16, width) for _ in range(2)],
+        controlnet_single_block_samples=[torch.randn(1, 16, width) for _ in range(2)],
+        controlnet_blocks_repeat=repeat,
+    )
+    with torch.no_grad():
+        expected = transformer(**inputs, **controlnet)[0]
+        plain = transformer(**inputs)[0]
+        h2cache.apply(transformer, "none")
+        assert torch.equal(transformer(**inputs, **controlnet)[0], expected)
+    assert not torch.equal(expected, plain)
+
+
+def test_accelerate_hook_keeps_running_around_the_owned_forward(make_pipe):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountingHook.calls += 1
+            return args, kwargs
+
+    transformer = make_pipe().transformer
+    inputs = direct_inputs(transformer)
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        add_hook_to_module(transformer, CountingHook())
+        h2cache.apply(transformer, "none")
+        assert "_old_forward" in vars(transformer)
+        assert torch.equal(transformer(**inputs)[0], expected)
+        assert CountingHook.calls == 1 and len(h2cache.stats(transformer)) == 1
+        h2cache.remove(transformer)
+        transformer(**inputs)
+    assert CountingHook.calls == 2 and not hasattr(transformer, "_h2cache_controller")
