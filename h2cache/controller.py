@@ -23,6 +23,16 @@ from .streams import Streams
 from .trace import StepRecord
 
 DEFAULT_BRANCH = "cond"
+# What the shared prologue consumes; the remaining forward arguments steer the controller itself.
+MODEL_INPUTS = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+)
 
 
 class BlockRunner:
@@ -194,13 +204,7 @@ class CacheController:
 
         with _lora_scaled(self.model, joint_attention_kwargs) as joint_attention_kwargs:
             output = self._cached_forward(
-                hidden_states,
-                encoder_hidden_states,
-                pooled_projections,
-                timestep,
-                img_ids,
-                txt_ids,
-                guidance,
+                {name: arguments[name] for name in MODEL_INPUTS},
                 joint_attention_kwargs,
                 (controlnet_block_samples, controlnet_single_block_samples, controlnet_blocks_repeat),
             )
@@ -219,20 +223,9 @@ class CacheController:
         jak = {k: v for k, v in (joint_attention_kwargs or {}).items() if k != "scale"}
         return self.backend.unsupported_reason(jak, controlnet, extra)
 
-    def _cached_forward(
-        self,
-        hidden_states,
-        encoder_hidden_states,
-        pooled_projections,
-        timestep,
-        img_ids,
-        txt_ids,
-        guidance,
-        joint_attention_kwargs,
-        controlnet,
-    ):
+    def _cached_forward(self, inputs: dict, joint_attention_kwargs, controlnet):
         branch = self._branch
-        timestep_value = float(timestep.flatten()[0])
+        timestep_value = float(inputs["timestep"].flatten()[0])
         if not self._in_session and timestep_value > self._last_timestep.get(branch, math.inf):
             # Outside a pipeline call nothing marks a new generation, but denoising timesteps only decrease.
             self.reset()
@@ -241,16 +234,7 @@ class CacheController:
             self._states[branch] = self.method.new_state()
             self._steps[branch] = 0
 
-        streams, context = self.backend.prologue(
-            hidden_states,
-            encoder_hidden_states,
-            pooled_projections,
-            timestep,
-            img_ids,
-            txt_ids,
-            guidance,
-            joint_attention_kwargs,
-        )
+        streams, context = self.backend.prologue(**inputs, joint_attention_kwargs=joint_attention_kwargs)
         runner = BlockRunner(self.backend, context, controlnet, self._steps[branch], self._num_steps())
         streams, stage1, stage2 = self.method.step(runner, self._states[branch], streams)
         output = self.backend.epilogue(streams.img, context)

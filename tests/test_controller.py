@@ -10,6 +10,20 @@ import h2cache
 from h2cache.embedded import TinyFluxSpec
 
 
+def direct_inputs(batch=1, image_tokens=16, text_tokens=4):
+    torch.manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(batch, image_tokens, 64),
+        encoder_hidden_states=torch.randn(batch, text_tokens, 32),
+        pooled_projections=torch.randn(batch, 32),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 3.5),
+        img_ids=torch.randn(image_tokens, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+        return_dict=False,
+    )
+
+
 def test_no_cache_and_zero_thresholds_are_bit_identical_to_the_unpatched_pipeline(make_pipe, run):
     pipe = make_pipe()
     reference = run(pipe)
@@ -22,17 +36,7 @@ def test_no_cache_and_zero_thresholds_are_bit_identical_to_the_unpatched_pipelin
 
 def test_owned_forward_equals_the_model_forward_on_direct_calls(make_pipe):
     transformer = make_pipe().transformer
-    torch.manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(2, 64, 64),
-        encoder_hidden_states=torch.randn(2, 12, 32),
-        pooled_projections=torch.randn(2, 32),
-        timestep=torch.tensor([0.7, 0.7]),
-        guidance=torch.tensor([3.5, 3.5]),
-        img_ids=torch.randn(64, 3),
-        txt_ids=torch.zeros(12, 3),
-        return_dict=False,
-    )
+    inputs = direct_inputs(batch=2, image_tokens=64, text_tokens=12)
     with torch.no_grad():
         expected = transformer(**inputs)[0]
         h2cache.apply(transformer, "none")
@@ -226,16 +230,7 @@ def test_training_mode_falls_back_to_the_original_forward_once_warned(make_pipe)
     transformer = make_pipe().transformer
     h2cache.apply(transformer, "h2")
     transformer.train()
-    torch.manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 64),
-        encoder_hidden_states=torch.randn(1, 4, 32),
-        pooled_projections=torch.randn(1, 32),
-        timestep=torch.tensor([0.5]),
-        guidance=torch.tensor([3.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(4, 3),
-    )
+    inputs = direct_inputs()
     with pytest.warns(UserWarning, match="training mode"):
         transformer(**inputs)
     with warnings.catch_warnings():
@@ -261,17 +256,7 @@ def test_lora_scale_in_joint_attention_kwargs_is_honoured(make_pipe):
     transformer.add_adapter(
         LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
     )
-    torch.manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 64),
-        encoder_hidden_states=torch.randn(1, 4, 32),
-        pooled_projections=torch.randn(1, 32),
-        timestep=torch.tensor([0.5]),
-        guidance=torch.tensor([3.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(4, 3),
-        return_dict=False,
-    )
+    inputs = direct_inputs()
     with torch.no_grad():
         half = transformer(**inputs, joint_attention_kwargs={"scale": 0.5})[0]
         full = transformer(**inputs)[0]
@@ -281,24 +266,10 @@ def test_lora_scale_in_joint_attention_kwargs_is_honoured(make_pipe):
     assert not torch.equal(half, full)
 
 
-def direct_inputs(transformer, batch=1, image_tokens=16, text_tokens=4):
-    torch.manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(batch, image_tokens, 64),
-        encoder_hidden_states=torch.randn(batch, text_tokens, 32),
-        pooled_projections=torch.randn(batch, 32),
-        timestep=torch.full((batch,), 0.5),
-        guidance=torch.full((batch,), 3.5),
-        img_ids=torch.randn(image_tokens, 3),
-        txt_ids=torch.zeros(text_tokens, 3),
-        return_dict=False,
-    )
-
-
 @pytest.mark.parametrize("repeat", [False, True])
 def test_controlnet_residuals_are_added_as_diffusers_adds_them(make_pipe, repeat):
     transformer = make_pipe(TinyFluxSpec(num_double=3, num_single=5)).transformer
-    inputs = direct_inputs(transformer)
+    inputs = direct_inputs()
     width = transformer.inner_dim
     controlnet = dict(
         controlnet_block_samples=[torch.randn(1, 16, width) for _ in range(2)],
@@ -324,7 +295,7 @@ def test_accelerate_hook_keeps_running_around_the_owned_forward(make_pipe):
             return args, kwargs
 
     transformer = make_pipe().transformer
-    inputs = direct_inputs(transformer)
+    inputs = direct_inputs()
     with torch.no_grad():
         expected = transformer(**inputs)[0]
         add_hook_to_module(transformer, CountingHook())
