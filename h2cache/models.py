@@ -212,6 +212,12 @@ def load_planned(plan: ModelPlan, seed: int = 0):
     else:
         from nunchaku import NunchakuFluxTransformer2dModel as NunchakuTransformer
     transformer = NunchakuTransformer.from_pretrained(plan.transformer, torch_dtype=dtype)
+    if dtype == torch.float16:  # Turing has no bf16: nunchaku's fp16 attention kernel instead of FlashAttention-2
+        if plan.nunchaku_class == "v1":
+            transformer.set_attention_impl("nunchaku-fp16")
+        else:
+            for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+                block.attn.set_processor("nunchaku-fp16")
     return FluxPipeline.from_pretrained(plan.model, transformer=transformer, torch_dtype=dtype).to(plan.device)
 
 
