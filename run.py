@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 # --- editable defaults ---------------------------------------------------------------------------------------------
-PROMPT = "a small red circle at the left on a blue background"
+PROMPT = "a small red circle on the left against a white background"  # a caption the embedded model knows
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
 NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
