@@ -127,3 +127,15 @@ def test_bad_configurations_are_refused(tmp_path, configs, message):
     result = runner("--prompts", "grammar:2", "--model", "random", "--out", str(tmp_path), *args)
     assert result.returncode == 2 and message in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_quick_ablations_run_on_the_cpu(tmp_path):
+    result = run_exper("--quick", "--pfs-ablation", "--limit", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line)["config"] for line in (tmp_path / "pfs-ablation" / "records.jsonl").read_text().splitlines()]
+    assert sorted(set(rows)) == ["Double FB cache", "H2 PFS", "H2 no PFS", "baseline"]
+    sweep = run_exper("--quick", "--steps-sweep", "--limit", "1", "--out", str(tmp_path))
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    for steps in (10, 20, 50, 100):
+        record = json.loads(next((tmp_path / f"steps-{steps}" / "records" / "h2-cache").glob("*.json")).read_text())
+        assert record["steps"] == steps and len(record["trace"]) == steps
