@@ -20,8 +20,9 @@ PROMPT = "a small red circle on the left against a white background"  # a captio
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
 NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
-METHOD = "h2"  # none | h2 | dbfcache | fbcache (Block Cache) | teacache
+METHOD = "h2"  # none | h2 | dbfcache | fbcache (Block Cache) | teacache | taylorseer | hicache
 THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
+INTERVAL = ORDER = None  # taylorseer / hicache schedule interval and order (None: the method's default)
 TAU1, TAU2 = 0.15, 0.22  # H2-Cache structure / detail thresholds (the authors' values)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
 MODE = "official"  # official: a stage-1 hit forces stage-2 reuse | independent: stage 2 judged on its own
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Block Cache / TeaCache threshold",
         shown="the method's: fbcache 0.12, teacache 0.6",
     )
+    arg("--interval", type=int, default=INTERVAL, help="TaylorSeer / HiCache: compute every N-th step",
+        shown="the method's: taylorseer 6, hicache 7")
+    arg("--order", type=int, default=ORDER, help="TaylorSeer / HiCache: forecast order",
+        shown="the method's: taylorseer 1, hicache 2")
     arg("--mode", default=MODE, choices=["official", "independent"], help="H2-Cache stage coupling")
     arg(
         "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"

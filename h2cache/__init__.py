@@ -10,7 +10,15 @@ print(h2cache.summary(pipe)); h2cache.remove(pipe)   # per-step trace: h2cache.s
 from __future__ import annotations
 
 from .backends import detect_backend, foreign_cache, unwrap
-from .config import DBFCacheConfig, FBCacheConfig, H2CacheConfig, NoCacheConfig, TeaCacheConfig
+from .config import (
+    DBFCacheConfig,
+    FBCacheConfig,
+    H2CacheConfig,
+    HiCacheConfig,
+    NoCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+)
 from .controller import CacheController
 from .methods import METHODS, build_method
 from .models import load_pipeline
@@ -107,7 +115,9 @@ __all__ = [
     "DBFCacheConfig",
     "FBCacheConfig",
     "H2CacheConfig",
+    "HiCacheConfig",
     "NoCacheConfig",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "apply",
     "controller_of",

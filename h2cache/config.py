@@ -161,3 +161,57 @@ class TeaCacheConfig(MethodConfig):
         ):
             raise ValueError(f"TeaCacheConfig.coefficients must be finite numbers, got {self.coefficients!r}")
         self.coefficients = tuple(float(c) for c in self.coefficients)
+
+
+def _check_schedule(owner: str, interval, order, first_enhance) -> None:
+    for name, value, minimum in (("interval", interval, 1), ("order", order, 0), ("first_enhance", first_enhance, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TaylorSeerConfig(MethodConfig):
+    r"""TaylorSeer (Liu et al., ICCV 2025, arXiv 2503.06923) at stage level: forecast, don't reuse.
+
+    A fixed schedule computes the first ``first_enhance`` steps and then every ``interval``-th; at the others each
+    stage's residual is extrapolated from its finite differences over the computed steps (Taylor series in the
+    step index). The official code forecasts every attention/MLP output inside every block with the current
+    step's gates; here the forecast unit is the stage, which any backend supports (nunchaku V1 has no
+    per-module outputs to hook).
+
+    Args:
+        interval (`int`, defaults to 6): ``fresh_threshold`` N; 50 steps at N = 6 compute 10 steps (5x).
+        order (`int`, defaults to 1): the official code's ``max_order`` (the paper reports order 2).
+        first_enhance (`int`, defaults to 3): leading steps always computed.
+    """
+
+    method = "taylorseer"
+    interval: int = 6
+    order: int = 1
+    first_enhance: int = 3
+
+    def __post_init__(self):
+        _check_schedule("TaylorSeerConfig", self.interval, self.order, self.first_enhance)
+
+
+@dataclass
+class HiCacheConfig(MethodConfig):
+    r"""HiCache (arXiv 2508.16984, ICLR 2026) at stage level: TaylorSeer's schedule and differences, forecast with
+    scaled physicists' Hermite polynomials, ``sum_i Delta^i F * scale^i * H_i(scale * k) / i!``.
+
+    Args:
+        interval (`int`, defaults to 7): computed every 7th step (50 steps: 9 computed, 5.55x).
+        order (`int`, defaults to 2).
+        scale (`float`, defaults to 0.5): sigma, the Hermite scale; the paper sweeps 0.4-1.0.
+        first_enhance (`int`, defaults to 3): leading steps always computed.
+    """
+
+    method = "hicache"
+    interval: int = 7
+    order: int = 2
+    scale: float = 0.5
+    first_enhance: int = 3
+
+    def __post_init__(self):
+        _check_schedule("HiCacheConfig", self.interval, self.order, self.first_enhance)
+        _check_threshold("HiCacheConfig", "scale", self.scale)

@@ -32,3 +32,10 @@ def add_residual(state: StageState, delta: StageState) -> StageState:
     if isinstance(state, Streams):
         return Streams(state.img + delta.img, state.txt + delta.txt)
     return state + delta
+
+
+def scaled(state: StageState, factor: float) -> StageState:
+    """``factor * state``, stream by stream (finite differences and forecasts of a stage)."""
+    if isinstance(state, Streams):
+        return Streams(state.img * factor, state.txt * factor)
+    return state * factor

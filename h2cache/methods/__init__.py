@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from ..config import DBFCacheConfig, FBCacheConfig, H2CacheConfig, NoCacheConfig, TeaCacheConfig
+from ..config import (
+    DBFCacheConfig,
+    FBCacheConfig,
+    H2CacheConfig,
+    HiCacheConfig,
+    NoCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+)
 from .base import CacheMethod
 from .dbfcache import DBFCache
 from .fbcache import FBCache
 from .h2 import H2Cache
+from .hicache import HiCache
 from .none import NoCache
+from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 
 METHODS = {
@@ -16,6 +26,8 @@ METHODS = {
     "dbfcache": (DBFCacheConfig, DBFCache),
     "fbcache": (FBCacheConfig, FBCache),
     "teacache": (TeaCacheConfig, TeaCache),
+    "taylorseer": (TaylorSeerConfig, TaylorSeer),
+    "hicache": (HiCacheConfig, HiCache),
 }
 
 
