@@ -306,3 +306,19 @@ def test_accelerate_hook_keeps_running_around_the_owned_forward(make_pipe):
         h2cache.remove(transformer)
         transformer(**inputs)
     assert CountingHook.calls == 2 and not hasattr(transformer, "_h2cache_controller")
+
+
+def test_cached_model_moves_saves_and_reloads_without_recursion(make_pipe, run, tmp_path):
+    # The authors' adapter made transformer -> blocks -> transformer a module cycle: .to() and state_dict() failed.
+    from diffusers import FluxTransformer2DModel
+
+    pipe = make_pipe()
+    h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
+    pipe.to("cpu", torch.float32)
+    state = pipe.transformer.state_dict()
+    assert not any("h2cache" in key for key in state)
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert "forward" not in vars(reloaded) and not hasattr(reloaded, "_h2cache_controller")
+    run(pipe, steps=4)
+    assert len(h2cache.stats(pipe)) == 4
