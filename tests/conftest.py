@@ -33,6 +33,23 @@ def generate(pipe, prompt=PROMPT, steps=8, seed=0, **kwargs):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **options).images
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network and no real caches: homes point into tmp_path, sockets cannot connect, no weights dir is set."""
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    for name, folder in (("HOME", "home"), ("TORCH_HOME", "torch"), ("HF_HOME", "hf")):
+        monkeypatch.setenv(name, str(tmp_path / folder))
+    monkeypatch.delenv("METRICS_WEIGHTS_DIR", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted during an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
 def count_block_calls(doubles, singles) -> dict:
     """Forward hooks on the real blocks: how many double and single blocks actually executed."""
     counts = {"double": 0, "single": 0}

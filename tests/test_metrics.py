@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -37,20 +36,7 @@ CLIP_RELATIVE = "clip/RN50.pt"
 ALEXNET_RELATIVE = f"torch/hub/checkpoints/{ALEXNET_CHECKPOINT}"
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """No test may reach the network or a real cache: homes point into tmp_path and sockets cannot connect."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv(weights.WEIGHTS_DIR_ENV, raising=False)
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="session")

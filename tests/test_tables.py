@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -21,19 +20,7 @@ PROMPTS = [f"image{index:03d}" for index in range(1, 7)]
 SPREAD = [-0.03, 0.02, -0.01, 0.015, 0.01, -0.005]
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """Nothing here needs the network or a real home; make any attempt fail loudly."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 # Bootstrap ----------------------------------------------------------------------------------------------------------
