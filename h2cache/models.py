@@ -205,6 +205,8 @@ def load_planned(plan: ModelPlan, seed: int = 0):
     from diffusers import FluxPipeline
 
     dtype = getattr(torch, plan.dtype)
+    if plan.kind == "diffusers" and (Path(plan.model) / embedded.CALL_DEFAULTS_FILE).is_file():
+        return embedded.load_folder(plan.model)  # an embedded-model folder, e.g. a fresh training run's output
     if plan.kind == "diffusers":
         return FluxPipeline.from_pretrained(plan.model, torch_dtype=dtype).to(plan.device)
     if plan.nunchaku_class == "v2":
