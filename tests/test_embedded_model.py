@@ -1,0 +1,167 @@
+"""The shipped trained embedded model, its grammar and the pixel-statistics checker.
+
+These load ``h2cache/embedded/tiny-flux`` (the trained model is part of the repository) and sample at its
+default settings; each picture takes a fraction of a second on CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.checker import check, read_attributes
+from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, load_folder
+from h2cache.embedded.grammar import (
+    ATTRIBUTES,
+    BACKGROUND_COLOURS,
+    POSITION_PHRASES,
+    SHAPE_COLOURS,
+    SHAPES,
+    SIZES,
+    VOCABULARY,
+    Scene,
+    all_scenes,
+    parse_caption,
+    render,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VALUES = {
+    "size": SIZES,
+    "colour": tuple(SHAPE_COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITION_PHRASES),
+    "background": tuple(BACKGROUND_COLOURS),
+}
+# Between them these scenes ask for every value of every attribute.
+SAMPLE_SCENES = [
+    Scene("small", "red", "circle", "left", "white"),
+    Scene("large", "green", "square", "right", "black"),
+    Scene("small", "blue", "triangle", "top", "gray"),
+    Scene("large", "yellow", "circle", "bottom", "black"),
+    Scene("large", "purple", "square", "center", "white"),
+    Scene("small", "yellow", "triangle", "center", "gray"),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_folder(SHIPPED_FOLDER)
+
+
+def draw(pipe, prompt, seed, **overrides):
+    options = {**pipe.h2cache_call_defaults, **overrides}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **options).images[0]
+
+
+def test_shipped_folder_is_a_small_flux_pipeline():
+    size_bytes = sum(path.stat().st_size for path in SHIPPED_FOLDER.rglob("*") if path.is_file())
+    assert size_bytes <= 25 * 1024 * 1024
+    assert (SHIPPED_FOLDER / "model_index.json").is_file() and (SHIPPED_FOLDER / CALL_DEFAULTS_FILE).is_file()
+
+
+def test_shipped_folder_loads_and_generates_offline(tmp_path):
+    image_path = tmp_path / "sample.png"
+    script = (
+        "import sys, torch\n"
+        "from h2cache.embedded import SHIPPED_FOLDER, load_folder\n"
+        "pipe = load_folder(SHIPPED_FOLDER)\n"
+        "generator = torch.Generator().manual_seed(0)\n"
+        "image = pipe(sys.argv[1], generator=generator, **pipe.h2cache_call_defaults).images[0]\n"
+        "image.save(sys.argv[2])\n"
+    )
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    prompt = SAMPLE_SCENES[0].caption()
+    subprocess.run([sys.executable, "-c", script, prompt, str(image_path)], cwd=ROOT, env=environment, check=True)
+    assert all(check(Image.open(image_path), prompt).values())
+
+
+def test_architecture_keeps_flux_proportions(pipe):
+    config = pipe.transformer.config
+    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+    assert config.num_single_layers == 2 * config.num_layers
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 16
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_call_without_size_draws_at_native_size(pipe):
+    native_size = json.loads((SHIPPED_FOLDER / CALL_DEFAULTS_FILE).read_text())["native_size"]
+    prompt = SAMPLE_SCENES[1].caption()
+    image = pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (native_size, native_size)
+
+
+def test_generation_is_deterministic(pipe):
+    prompt = SAMPLE_SCENES[2].caption()
+    first, again, other_seed = draw(pipe, prompt, 5), draw(pipe, prompt, 5), draw(pipe, prompt, 6)
+    assert np.asarray(first).tobytes() == np.asarray(again).tobytes()
+    assert np.asarray(first).tobytes() != np.asarray(other_seed).tobytes()
+
+
+def test_samples_show_what_the_prompt_asks(pipe):
+    failures = {}
+    for seed, scene in enumerate(SAMPLE_SCENES, start=100):
+        verdict = check(draw(pipe, scene.caption(), seed), scene.caption())
+        wrong = [attribute for attribute, ok in verdict.items() if not ok]
+        if wrong:
+            failures[scene.caption()] = wrong
+    assert not failures
+
+
+def test_checker_accepts_every_ground_truth_render():
+    rng = np.random.default_rng(0)
+    for scene in all_scenes():
+        for picture in (render(scene), render(scene, rng=rng), render(scene, size=128, rng=rng)):
+            assert read_attributes(picture) == {attribute: getattr(scene, attribute) for attribute in ATTRIBUTES}
+
+
+@pytest.mark.parametrize("attribute", ATTRIBUTES)
+def test_checker_rejects_exactly_the_wrong_attribute(attribute):
+    for scene in SAMPLE_SCENES:
+        picture = render(scene)
+        for value in VALUES[attribute]:
+            if value == getattr(scene, attribute):
+                continue
+            verdict = check(picture, replace(scene, **{attribute: value}).caption())
+            assert verdict == {name: name != attribute for name in ATTRIBUTES}
+
+
+def test_checker_finds_no_shape_in_a_blank_picture():
+    blank = Image.new("RGB", (64, 64), BACKGROUND_COLOURS["gray"])
+    verdict = check(blank, SAMPLE_SCENES[2].caption())
+    assert verdict == {name: name == "background" for name in ATTRIBUTES}
+
+
+def test_checker_cli(tmp_path):
+    scene = SAMPLE_SCENES[3]
+    image_path = tmp_path / "scene.png"
+    render(scene).save(image_path)
+    right = subprocess.run([sys.executable, "-m", "eval.checker", str(image_path), scene.caption()], cwd=ROOT)
+    wrong_caption = replace(scene, colour="red").caption()
+    wrong = subprocess.run([sys.executable, "-m", "eval.checker", str(image_path), wrong_caption], cwd=ROOT)
+    assert (right.returncode, wrong.returncode) == (0, 1)
+
+
+def test_captions_parse_back_and_reject_other_text():
+    for scene in all_scenes():
+        assert parse_caption(scene.caption()) == scene
+    with pytest.raises(ValueError):
+        parse_caption("a small red circle on a blue background")
+
+
+def test_tokenizers_know_every_grammar_word(pipe):
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        ids = [tokenizer.convert_tokens_to_ids(word) for word in VOCABULARY]
+        assert tokenizer.unk_token_id not in ids
+        assert len(set(ids)) == len(VOCABULARY)
+        for scene in all_scenes():
+            assert tokenizer.unk_token_id not in tokenizer(scene.caption()).input_ids
+    longest_caption = max(len(scene.caption().split()) for scene in all_scenes())
+    assert longest_caption <= pipe.h2cache_call_defaults["max_sequence_length"]
