@@ -61,10 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Block Cache / TeaCache threshold",
         shown="the method's: fbcache 0.12, teacache 0.6",
     )
-    arg("--interval", type=int, default=INTERVAL, help="TaylorSeer / HiCache: compute every N-th step",
-        shown="the method's: taylorseer 6, hicache 7")
-    arg("--order", type=int, default=ORDER, help="TaylorSeer / HiCache: forecast order",
-        shown="the method's: taylorseer 1, hicache 2")
+    arg(
+        "--interval",
+        type=int,
+        default=INTERVAL,
+        help="TaylorSeer / HiCache: compute every N-th step",
+        shown="the method's: taylorseer 6, hicache 7",
+    )
+    arg(
+        "--order",
+        type=int,
+        default=ORDER,
+        help="TaylorSeer / HiCache: forecast order",
+        shown="the method's: taylorseer 1, hicache 2",
+    )
     arg("--mode", default=MODE, choices=["official", "independent"], help="H2-Cache stage coupling")
     arg(
         "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"

@@ -93,8 +93,8 @@ def pfs_check_cost(reps: int) -> dict:
         reference = torch.randn(1, tokens, 3072, generator=generator)
         current = reference + 0.1 * torch.randn(1, tokens, 3072, generator=generator)
         stored_thumbnail = summarize(reference, divisor)  # h2cache keeps the reference's thumbnail, not the tensor
-        pooled = best_of(lambda: relative_l1(stored_thumbnail, summarize(current, divisor)), reps)
-        full = best_of(lambda: relative_l1(reference, current), reps)
+        pooled = best_of(lambda t=stored_thumbnail, c=current, d=divisor: relative_l1(t, summarize(c, d)), reps)
+        full = best_of(lambda r=reference, c=current: relative_l1(r, c), reps)
         out[stage] = {
             "pfs_ms": 1000 * pooled,
             "full_ms": 1000 * full,

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-THRESHOLD_NAMES = {"h2": ("tau1", "tau2"), "dbfcache": ("tau1", "tau2"), "fbcache": ("threshold",),
-                   "teacache": ("threshold",)}
+THRESHOLD_NAMES = {
+    "h2": ("tau1", "tau2"),
+    "dbfcache": ("tau1", "tau2"),
+    "fbcache": ("threshold",),
+    "teacache": ("threshold",),
+}
 
 
 @dataclass
@@ -51,9 +55,8 @@ def generate_all(pipe, prompts, seed: int, call: dict) -> tuple[list[np.ndarray]
 def calibrate(pipe, prompts, method: str, grid: dict, target_psnr: float, seed: int = 0, call: dict | None = None):
     """Evaluate every grid point; returns (chosen Candidate or None, all candidates, traces of the chosen one)."""
     import h2cache
-    from h2cache.generate import call_arguments
-
     from eval.metrics.fidelity import psnr
+    from h2cache.generate import call_arguments
 
     call = call or call_arguments(pipe)
     h2cache.apply(pipe, "none")
@@ -101,12 +104,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for calibration.{json,md}, distances.png")
     args = parser.parse_args(argv)
 
+    from eval.runner import load_prompts
+    from eval.trace_plot import plot_probe_distances
     from h2cache.generate import call_arguments
     from h2cache.io import write_json, write_text
     from h2cache.models import SetupError, load_planned, plan_model
-
-    from eval.runner import load_prompts
-    from eval.trace_plot import plot_probe_distances
 
     try:
         grid = {name: [float(v) for v in getattr(args, name).split(",")] for name in THRESHOLD_NAMES[args.method]}
@@ -118,11 +120,19 @@ def main(argv=None) -> int:
     call = call_arguments(pipe, steps=args.steps)
     chosen, candidates, traces = calibrate(pipe, prompts, args.method, grid, args.target_psnr, args.seed, call)
     table = format_candidates(candidates, chosen, args.target_psnr)
-    write_json(args.out / "calibration.json", {
-        "model": args.model, "method": args.method, "prompts": len(prompts), "seed": args.seed,
-        "steps": call["num_inference_steps"], "target_psnr": args.target_psnr,
-        "chosen": asdict(chosen) if chosen else None, "candidates": [asdict(c) for c in candidates],
-    })
+    write_json(
+        args.out / "calibration.json",
+        {
+            "model": args.model,
+            "method": args.method,
+            "prompts": len(prompts),
+            "seed": args.seed,
+            "steps": call["num_inference_steps"],
+            "target_psnr": args.target_psnr,
+            "chosen": asdict(chosen) if chosen else None,
+            "candidates": [asdict(c) for c in candidates],
+        },
+    )
     write_text(args.out / "calibration.md", table)
     if chosen and "tau1" in chosen.params:
         from h2cache.config import H2CacheConfig

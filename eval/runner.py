@@ -46,7 +46,8 @@ class RunConfig:
 
 
 def parse_config(text: str) -> RunConfig:
-    """``"baseline"``, ``"none"`` or ``"method:key=value,...[,label=Name]"``; values are parsed as JSON if they can be."""
+    """``"baseline"``, ``"none"`` or ``"method:key=value,...[,label=Name]"``; values are parsed as JSON where they can
+    be."""
     text = text.strip()
     if text in (BASELINE_LABEL, "none"):
         return RunConfig(BASELINE_LABEL, "none")
@@ -139,11 +140,20 @@ class Experiment:
                 write_json(
                     self.record_path(config, prompt_id),
                     {
-                        "config": config.label, "method": config.method, "params": config.params,
-                        "prompt_id": prompt_id, "prompt": prompt, "seed": self.args.seed, "model": plan.model,
-                        "steps": call["num_inference_steps"], "guidance": call["guidance_scale"],
-                        "height": image.height, "width": image.width, "time_s": seconds,
-                        "blocks_run": totals["blocks_run"], "blocks_total": totals["blocks_total"],
+                        "config": config.label,
+                        "method": config.method,
+                        "params": config.params,
+                        "prompt_id": prompt_id,
+                        "prompt": prompt,
+                        "seed": self.args.seed,
+                        "model": plan.model,
+                        "steps": call["num_inference_steps"],
+                        "guidance": call["guidance_scale"],
+                        "height": image.height,
+                        "width": image.width,
+                        "time_s": seconds,
+                        "blocks_run": totals["blocks_run"],
+                        "blocks_total": totals["blocks_total"],
                         "image": str(self.image_path(config, prompt_id).relative_to(self.out)),
                         "trace": h2cache.stats(pipe),
                     },
@@ -163,9 +173,8 @@ class Experiment:
 
     def score(self, suite) -> None:
         """Add the requested metrics to every record that lacks them; fidelity is against the baseline image."""
-        from h2cache.io import write_text
-
         from eval.tables import dumps_record
+        from h2cache.io import write_text
 
         baseline = next((c for c in self.configs if c.method == "none"), None)
         for config in self.configs:
@@ -184,10 +193,9 @@ class Experiment:
 
     def report(self) -> str:
         """Write records.jsonl, the table and the figures; return the table as markdown."""
-        from h2cache.io import write_text
-
         from eval.figures import plot_image_grid, plot_speed_quality
         from eval.tables import build_table, dumps_record, format_table, write_table
+        from h2cache.io import write_text
 
         records = self.records()
         write_text(self.out / "records.jsonl", "".join(dumps_record(r) + "\n" for r in records))
@@ -205,14 +213,23 @@ class Experiment:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="cute80/220-prompt jsonl, a text file, or grammar:N")
-    parser.add_argument("--config", action="append", required=True, dest="configs",
-                        help='"baseline" or "method:key=value,...[,label=Name]"; repeat for each configuration')
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        dest="configs",
+        help='"baseline" or "method:key=value,...[,label=Name]"; repeat for each configuration',
+    )
     parser.add_argument("--out", required=True, type=Path, help="results folder (resumed if it exists)")
     parser.add_argument("--limit", type=int, help="use only the first N prompts")
     parser.add_argument("--model", default="auto", help="as run.py's --model")
     parser.add_argument("--transformer", default=None, help="as run.py's --transformer")
-    parser.add_argument("--nunchaku-class", default="v1", choices=["v1", "v2"],
-                        help="nunchaku class (v1: the paper's, and the one with the LoRA API)")
+    parser.add_argument(
+        "--nunchaku-class",
+        default="v1",
+        choices=["v1", "v2"],
+        help="nunchaku class (v1: the paper's, and the one with the LoRA API)",
+    )
     parser.add_argument("--lora", default=None, metavar="PATH:SCALE", help="a LoRA and its strength")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")

@@ -3,7 +3,7 @@
 import pytest
 
 from eval.calibrate import calibrate
-from h2cache.embedded import load_folder, shipped_model_available, SHIPPED_FOLDER
+from h2cache.embedded import SHIPPED_FOLDER, load_folder, shipped_model_available
 from h2cache.generate import call_arguments
 
 PROMPTS = [
@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not shipped_model_available(), reason="no shippe
 )
 def test_documented_thresholds_halve_the_blocks_and_keep_30_db(method, params):
     pipe = load_folder(SHIPPED_FOLDER)
-    chosen, candidates, traces = calibrate(pipe, PROMPTS, method, params, target_psnr=30.0, seed=1000,
-                                           call=call_arguments(pipe))
+    chosen, candidates, traces = calibrate(
+        pipe, PROMPTS, method, params, target_psnr=30.0, seed=1000, call=call_arguments(pipe)
+    )
     assert chosen is not None, candidates
     assert chosen.blocks_fraction <= 0.5 and chosen.mean_psnr >= 30.0
     assert any(r["stage1"] == "hit" for trace in traces for r in trace)

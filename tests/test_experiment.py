@@ -16,14 +16,16 @@ QUICK_ROWS = ("baseline", "Block Cache", "TeaCache", "H2-Cache")
 
 def run_exper(*args, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(["bash", str(ROOT / "run_exper.sh"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "run_exper.sh"), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
 
 
 def runner(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "eval.runner", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "eval.runner", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
 def snapshot(folder: Path) -> dict:
@@ -42,7 +44,11 @@ def snapshot(folder: Path) -> dict:
 def test_config_strings():
     assert parse_config("baseline").method == "none"
     config = parse_config("h2:tau1=0.15,tau2=0.22,pfs=false,label=H2 no PFS")
-    assert (config.method, config.params, config.label) == ("h2", {"tau1": 0.15, "tau2": 0.22, "pfs": False}, "H2 no PFS")
+    assert (config.method, config.params, config.label) == (
+        "h2",
+        {"tau1": 0.15, "tau2": 0.22, "pfs": False},
+        "H2 no PFS",
+    )
     assert config.folder == "h2-no-pfs"
     assert parse_config("fbcache:threshold=0.12").label == "fbcache_threshold0.12"
     with pytest.raises(ValueError, match="key=value"):
@@ -100,8 +106,21 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 
 
 def test_runner_resumes_an_interrupted_run(tmp_path):
-    args = ["--prompts", "grammar:4", "--model", "random", "--steps", "4", "--skip-missing", "--out", str(tmp_path),
-            "--config", "baseline", "--config", "h2:tau1=0.1,tau2=0.15"]
+    args = [
+        "--prompts",
+        "grammar:4",
+        "--model",
+        "random",
+        "--steps",
+        "4",
+        "--skip-missing",
+        "--out",
+        str(tmp_path),
+        "--config",
+        "baseline",
+        "--config",
+        "h2:tau1=0.1,tau2=0.15",
+    ]
     assert runner(*args, "--limit", "2").returncode == 0
     kept = {p: p.read_bytes() for p in (tmp_path / "records").rglob("*.json")}
     result = runner(*args)
@@ -111,8 +130,18 @@ def test_runner_resumes_an_interrupted_run(tmp_path):
 
 
 def test_missing_metric_weights_stop_before_any_generation(tmp_path):
-    result = runner("--prompts", "grammar:2", "--model", "random", "--out", str(tmp_path / "out"),
-                    "--weights-dir", str(tmp_path / "weights"), "--config", "baseline")
+    result = runner(
+        "--prompts",
+        "grammar:2",
+        "--model",
+        "random",
+        "--out",
+        str(tmp_path / "out"),
+        "--weights-dir",
+        str(tmp_path / "weights"),
+        "--config",
+        "baseline",
+    )
     assert result.returncode == 3
     assert "clip/RN50.pt" in result.stderr and "alexnet-owt-7be5be79.pth" in result.stderr
     assert not (tmp_path / "out" / "images").exists()
@@ -132,7 +161,9 @@ def test_bad_configurations_are_refused(tmp_path, configs, message):
 def test_quick_ablations_run_on_the_cpu(tmp_path):
     result = run_exper("--quick", "--pfs-ablation", "--limit", "2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line)["config"] for line in (tmp_path / "pfs-ablation" / "records.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)["config"] for line in (tmp_path / "pfs-ablation" / "records.jsonl").read_text().splitlines()
+    ]
     assert sorted(set(rows)) == ["Double FB cache", "H2 PFS", "H2 no PFS", "baseline"]
     sweep = run_exper("--quick", "--steps-sweep", "--limit", "1", "--out", str(tmp_path))
     assert sweep.returncode == 0, sweep.stderr[-3000:]
