@@ -76,7 +76,7 @@ VAE_LR = 2e-3
 VAE_KL_WEIGHT = 1e-4
 LATENT_STATS_IMAGES = 512
 
-DECODER_STEPS = 2500
+DECODER_STEPS = 5000
 DECODER_LR = 2e-3
 # Latent noise (relative to the latent spread) the refined decoder must tolerate: a sampled latent is never exact.
 DECODER_LATENT_NOISE = 0.05
