@@ -264,6 +264,10 @@ def main(argv=None) -> int:
 
     # cpu=True lets torchrun-style launches (accelerate launch --multi_gpu, torchrun) shard over CPU processes.
     state = PartialState(cpu=not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        # float32 reductions depend on the thread count: one thread per process makes the images independent of
+        # how many processes share the prompts (CPU parallelism comes from --processes instead).
+        torch.set_num_threads(1)
     suite = MetricSuite(args.weights_dir, metrics=args.metrics.split(","), skip_missing=args.skip_missing)
     try:
         missing = suite.preflight()
