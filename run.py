@@ -15,6 +15,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from h2cache.models import parse_lora
+
 # --- editable defaults ---------------------------------------------------------------------------------------------
 PROMPT = "a small red circle on the left against a white background"  # a caption the embedded model knows
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
@@ -107,17 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 def fail(message: str) -> None:
     print(f"run.py: error: {message}", file=sys.stderr)
     raise SystemExit(1)
-
-
-def parse_lora(value: str | None) -> tuple[str, float] | None:
-    """``PATH[:SCALE]``; the scale is split off the last colon only if it is a number (Windows drive letters)."""
-    if not value:
-        return None
-    path, _, scale = value.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (value, 1.0)
-    except ValueError:
-        return value, 1.0
 
 
 def method_params(args) -> dict:

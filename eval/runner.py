@@ -113,7 +113,7 @@ class Experiment:
         import h2cache
         from h2cache.generate import call_arguments, timed_call
         from h2cache.io import save_image, write_json
-        from h2cache.models import load_lora, load_planned, plan_model
+        from h2cache.models import load_lora, load_planned, parse_lora, plan_model
 
         shard = self.prompts[process_index::num_processes]
         pending = {c.label: [p for p in shard if not self.record_path(c, p[0]).is_file()] for c in self.configs}
@@ -124,8 +124,7 @@ class Experiment:
             plan.device = f"cuda:{local_index}"  # one GPU per process under accelerate launch
         pipe = load_planned(plan)
         if self.args.lora:
-            path, _, scale = self.args.lora.rpartition(":")
-            load_lora(pipe, path, float(scale))
+            load_lora(pipe, *parse_lora(self.args.lora))
         call = call_arguments(pipe, self.args.steps, self.args.guidance, self.args.height, self.args.width)
         generated = 0
         for config in self.configs:

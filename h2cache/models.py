@@ -223,6 +223,17 @@ def load_planned(plan: ModelPlan, seed: int = 0):
     return FluxPipeline.from_pretrained(plan.model, transformer=transformer, torch_dtype=dtype).to(plan.device)
 
 
+def parse_lora(value: str | None) -> tuple[str, float] | None:
+    """``PATH[:SCALE]``; the scale is split off the last colon only if it is a number (Windows drive letters)."""
+    if not value:
+        return None
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
+
+
 def load_lora(pipe, path: str, scale: float) -> None:
     """A LoRA through the API of the backend that runs: nunchaku V1's weight update, or diffusers/PEFT adapters."""
     from .backends import detect_backend

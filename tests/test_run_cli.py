@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from h2cache.models import Facts, SetupError, nunchaku_status, plan_model
+from h2cache.models import Facts, SetupError, nunchaku_status, parse_lora, plan_model
 
 ROOT = Path(__file__).resolve().parents[1]
 UNRELATED_SUMMARY = "Optimally partitioning data into piece-wise linear segments"
@@ -205,9 +205,6 @@ def test_explicit_transformer_and_turing_precision():
 
 
 def test_lora_argument_parsing():
-    sys.path.insert(0, str(ROOT))
-    from run import parse_lora
-
     assert parse_lora("realism.safetensors:0.8") == ("realism.safetensors", 0.8)
     assert parse_lora("realism.safetensors") == ("realism.safetensors", 1.0)
     assert parse_lora(r"C:\loras\realism.safetensors") == (r"C:\loras\realism.safetensors", 1.0)
