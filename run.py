@@ -149,6 +149,21 @@ def validate(args):
     return config, lora
 
 
+def warn_about_unknown_words(pipe, prompt: str):
+    """The embedded model knows only its grammar's words: say which prompt words it will ignore (it still draws)."""
+    from h2cache import embedded
+
+    if not embedded.is_embedded(pipe):
+        return
+    unknown = embedded.unknown_words(pipe, prompt)
+    if unknown:
+        print(
+            f"run.py: warning: the embedded model never saw {', '.join(map(repr, unknown))} and ignores "
+            f"{'it' if len(unknown) == 1 else 'them'}; the words it knows: {' '.join(embedded.vocabulary_of(pipe))}",
+            file=sys.stderr,
+        )
+
+
 def output_stem(prompt: str, method: str, seed: int) -> str:
     slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "image"
     return f"{slug}-{method}-seed{seed}"
@@ -172,6 +187,7 @@ def main(argv=None, facts=None) -> int:
 
     pipe = load_planned(plan, seed=0)
     pipe.set_progress_bar_config(disable=False)
+    warn_about_unknown_words(pipe, args.prompt)
     if lora:
         try:
             load_lora(pipe, *lora)

@@ -236,3 +236,16 @@ def test_lora_through_diffusers_changes_the_image(tmp_path):
     name = next(plain.glob("*.png")).name
     assert (plain / name).read_bytes() != (with_lora / name).read_bytes()
     assert json.loads((with_lora / name).with_suffix(".json").read_text())["lora"]["scale"] == 0.7
+
+
+def test_prompt_words_the_embedded_model_never_saw_are_named_and_it_still_draws(tmp_path):
+    out = tmp_path / "out"
+    prompt = "a red zebra near the park"
+    result = run_cli("--model", "random", "--steps", "2", "--prompt", prompt, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "never saw" in line)
+    assert "'zebra'" in warning and "'park'" in warning and "'red'" not in warning
+    assert "circle" in warning.split("the words it knows:")[1]
+    assert (out / "a-red-zebra-near-the-park-h2-seed0.png").is_file()
+    known = run_cli("--model", "random", "--steps", "2", "--prompt", "a red circle", "--out", str(out))
+    assert known.returncode == 0 and "never saw" not in known.stderr

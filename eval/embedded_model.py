@@ -1,12 +1,13 @@
 """Measure whether the embedded model draws what the grammar asks for, and save a grid of its samples.
 
-    python -m h2cache.embedded.evaluate [--folder h2cache/embedded/tiny-flux] [--count 100]
+    python -m eval.embedded_model [--folder h2cache/embedded/tiny-flux] [--count 100]
 
-Draws ``count`` grammar captions (from a prompt seed of its own) and samples each with a fresh generation seed
-(training derives its noise from small seeds through a different formula, so these seeds were never trained on), at
-the folder's default step count, guidance and native size. Prints, per attribute, the fraction of images in which
-``eval/checker.py`` finds it, the fraction with every attribute right, and the seconds per image; writes the
-samples as a grid to ``assets/embedded_samples.png``.
+Draws ``count`` grammar captions (from a prompt seed of its own; half name all five attributes, half a random
+subset, as people write) and samples each with a fresh generation seed (training derives its noise from small seeds
+through a different formula, so these seeds were never trained on) by a plain ``pipe(prompt, generator=...)`` call:
+the folder's default steps, guidance and native size. Prints, per attribute, the fraction of the images whose
+caption names it in which ``eval/checker.py`` finds it, the fraction with every named attribute right, and the
+seconds per image; writes the samples as a grid to ``assets/embedded_samples.png``.
 """
 
 from __future__ import annotations
@@ -21,24 +22,32 @@ import torch
 from PIL import Image
 
 from eval.checker import check
-
-from . import SHIPPED_FOLDER, load_folder
-from .grammar import ATTRIBUTES, random_scene
+from h2cache.embedded import SHIPPED_FOLDER, load_folder
+from h2cache.embedded.grammar import ATTRIBUTES, random_description, random_scene
 
 PROMPT_SEED = 20_261_122
 FIRST_GENERATION_SEED = 7_000_000
-GRID_PATH = Path(__file__).resolve().parents[2] / "assets" / "embedded_samples.png"
+GRID_PATH = Path(__file__).resolve().parents[1] / "assets" / "embedded_samples.png"
 
 
 def generate(pipe, prompt: str, seed: int) -> Image.Image:
-    """One picture at the folder's call defaults (native size, steps, guidance, sequence length)."""
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **pipe.h2cache_call_defaults).images[0]
+    """One picture from a plain call: the model's own defaults (native size, steps, guidance, sequence length)."""
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def evaluation_prompts(count: int) -> list[str]:
+    """``count`` captions: even indices name every attribute, odd ones a random subset (possibly none)."""
+    rng = np.random.default_rng(PROMPT_SEED)
+    prompts = []
+    for index in range(count):
+        scene = random_scene(rng)
+        prompts.append(scene.caption() if index % 2 == 0 else random_description(scene, rng, dropout=0.5).caption())
+    return prompts
 
 
 def evaluate(folder: Path, count: int) -> tuple[dict, list[Image.Image]]:
     pipe = load_folder(folder)
-    rng = np.random.default_rng(PROMPT_SEED)
-    prompts = [random_scene(rng).caption() for _ in range(count)]
+    prompts = evaluation_prompts(count)
     generate(pipe, prompts[0], FIRST_GENERATION_SEED)  # warm-up: the first call pays one-off allocation costs
     images, verdicts = [], []
     started = time.perf_counter()
@@ -49,8 +58,11 @@ def evaluate(folder: Path, count: int) -> tuple[dict, list[Image.Image]]:
     seconds_per_image = (time.perf_counter() - started) / count
     report = {
         "images": count,
-        "accuracy": {attribute: float(np.mean([v[attribute] for v in verdicts])) for attribute in ATTRIBUTES},
-        "all_attributes": float(np.mean([all(v.values()) for v in verdicts])),
+        "accuracy": {
+            attribute: float(np.mean([v[attribute] for v in verdicts if attribute in v])) for attribute in ATTRIBUTES
+        },
+        "named": {attribute: sum(attribute in v for v in verdicts) for attribute in ATTRIBUTES},
+        "all_named_attributes": float(np.mean([all(v.values()) for v in verdicts])),
         "seconds_per_image": seconds_per_image,
         "call_defaults": pipe.h2cache_call_defaults,
     }
