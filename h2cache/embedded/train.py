@@ -75,12 +75,12 @@ VAE_LR = 2e-3
 VAE_KL_WEIGHT = 1e-4
 LATENT_STATS_IMAGES = 512
 
-DECODER_STEPS = 4000
+DECODER_STEPS = 1500
 DECODER_LR = 2e-3
 # Latent noise (relative to the latent spread) the refined decoder must tolerate: a sampled latent is never exact.
 DECODER_LATENT_NOISE = 0.05
 
-FLOW_STEPS = 3000
+FLOW_STEPS = 2400
 FLOW_BATCH = 32
 FLOW_LR = 1e-3
 WARMUP_STEPS = 200
@@ -345,12 +345,13 @@ def _pin_to_core(index: int):
 
 def run(out: Path, seed: int):
     """All three phases: the autoencoder, then the flow model here while the decoder refines in a child process."""
-    _pin_to_core(0)
     trainer = Trainer(out, seed)
     record = {"autoencoder": {"steps": VAE_STEPS, "seconds": trainer.train_autoencoder()}}
+    # Started before this process pins itself, so that the child can still choose the other core.
     decoder = subprocess.Popen(
         [sys.executable, "-m", "h2cache.embedded.train", "--out", str(out), "--seed", str(seed), "--only-decoder"]
     )
+    _pin_to_core(0)
     ema, _ = trainer.train_flow(record)
     if decoder.wait() != 0:
         raise SystemExit(f"decoder refinement failed (exit {decoder.returncode}); rerun the same command to resume")
