@@ -146,7 +146,9 @@ def build_page(session: ComparisonSession, model_label: str):
                     numbers = gr.Markdown(elem_id="numbers")
                 plot = gr.Image(label="probe distances per step: hits and misses", type="pil", elem_id="plot")
 
-        method.change(lambda chosen: [gr.Group(visible=name == chosen) for name in groups], method, list(groups.values()))
+        method.change(
+            lambda chosen: [gr.Group(visible=name == chosen) for name in groups], method, list(groups.values())
+        )
         inputs = [method, prompt, seed, steps, height, width, *fields]
         outputs = [status, uncached, cached, difference, numbers, plot]
         handler = lambda *values: generate(session, *values)

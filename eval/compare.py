@@ -142,7 +142,11 @@ def default_request_values(pipe) -> dict:
 
     call = call_arguments(pipe)
     native = pipe.default_sample_size * pipe.vae_scale_factor
-    return {"steps": call["num_inference_steps"], "height": call.get("height", native), "width": call.get("width", native)}
+    return {
+        "steps": call["num_inference_steps"],
+        "height": call.get("height", native),
+        "width": call.get("width", native),
+    }
 
 
 def make_request(prompt, seed, steps, height, width) -> Request:
