@@ -24,6 +24,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_SHARE"] = "False"
 
 from eval.compare import (  # noqa: E402
+    DIFFERENCE_GAIN,
     ComparisonSession,
     build_config,
     default_request_values,
@@ -36,11 +37,7 @@ DEFAULT_PORT = 7860
 DEFAULT_METHOD = "h2"
 # A float parameter's slider spans [0, max(1, this x its default)]; typing a value in its box goes beyond.
 SLIDER_TOP_FACTOR = 4
-# Small images (the embedded model's 64 px) are shown enlarged with visible pixels instead of blurred.
-PAGE_CSS = """
-.pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
-#numbers table { width: 100%; }
-"""
+IMAGE_HEIGHT = 260  # pixels on the page for each of the three images, whatever their size
 REQUIREMENTS_HINT = "pip install -r requirements-app.txt"
 
 
@@ -134,13 +131,16 @@ def build_page(session: ComparisonSession, model_label: str):
                         for parameter in method_parameters(name):
                             fields.append(parameter_component(gr, parameter))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
-                status = gr.Markdown("Enter a prompt and press Generate.", elem_id="status")
             with gr.Column(scale=2):
+                status = gr.Markdown("Enter a prompt and press Generate.", elem_id="status")
                 with gr.Row():
-                    uncached = gr.Image(label="uncached", type="pil", elem_id="uncached", elem_classes="pixels")
-                    cached = gr.Image(label="cached", type="pil", elem_id="cached", elem_classes="pixels")
+                    uncached = gr.Image(label="uncached", type="pil", elem_id="uncached", height=IMAGE_HEIGHT)
+                    cached = gr.Image(label="cached", type="pil", elem_id="cached", height=IMAGE_HEIGHT)
                     difference = gr.Image(
-                        label="difference (x8)", type="pil", elem_id="difference", elem_classes="pixels"
+                        label=f"difference (x{DIFFERENCE_GAIN})",
+                        type="pil",
+                        elem_id="difference",
+                        height=IMAGE_HEIGHT,
                     )
                 with gr.Row():
                     numbers = gr.Markdown(elem_id="numbers")
@@ -194,7 +194,6 @@ def main(argv=None) -> int:
         mcp_server=False,
         show_error=True,
         theme=system_fonts,
-        css=PAGE_CSS,
     )
     return 0
 

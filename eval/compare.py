@@ -259,4 +259,4 @@ def format_numbers(comparison: Comparison) -> str:
         ("cached time", f"{comparison.cached_seconds:.2f} s"),
         ("wall-time ratio (uncached / cached)", f"{comparison.wall_time_ratio:.2f}x"),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return "| measure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
