@@ -149,22 +149,31 @@ def default_request_values(pipe) -> dict:
     }
 
 
+def whole_number(name: str, value) -> int:
+    """A form number (it may arrive as a float, or None when the field is empty) as an int."""
+    if value is None or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def checked_seed(seed) -> int:
+    seed = whole_number("seed", seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    return seed
+
+
 def make_request(prompt, seed, steps, height, width) -> Request:
-    """A checked ``Request`` from form values (numbers may arrive as floats or None); ``ValueError`` names the fix."""
+    """A checked ``Request`` from form values; ``ValueError`` names the fix."""
     from h2cache.generate import check_call_values
 
     prompt = (prompt or "").strip()
     if not prompt:
         raise ValueError("the prompt is empty: describe the image to draw")
-    values = {}
-    for name, value in (("seed", seed), ("steps", steps), ("height", height), ("width", width)):
-        if value is None or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{name} must be a whole number, got {value}")
-        values[name] = int(value)
-    if not 0 <= values["seed"] <= MAX_SEED:
-        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {values['seed']}")
-    check_call_values(values["steps"], values["height"], values["width"])
-    return Request(prompt, **values)
+    seed = checked_seed(seed)
+    steps, height, width = (whole_number(n, v) for n, v in (("steps", steps), ("height", height), ("width", width)))
+    check_call_values(steps, height, width)
+    return Request(prompt, seed, steps, height, width)
 
 
 class ComparisonSession:
@@ -260,3 +269,41 @@ def format_numbers(comparison: Comparison) -> str:
         ("wall-time ratio (uncached / cached)", f"{comparison.wall_time_ratio:.2f}x"),
     ]
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def calibration_inputs(prompts_text: str, method: str, grid_texts: dict[str, str], target_psnr, steps, seed) -> dict:
+    """``calibrate_session``'s keyword arguments from form values (prompts one a line), every value checked."""
+    from eval.calibrate import THRESHOLD_NAMES, parse_grid
+    from h2cache.generate import check_call_values
+
+    if method not in THRESHOLD_NAMES:
+        raise ValueError(f"calibration covers {', '.join(THRESHOLD_NAMES)}, not {method!r}")
+    prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: enter one prompt a line")
+    grid = parse_grid(method, grid_texts)
+    for name, values in grid.items():
+        for value in values:
+            build_config(method, {name: value})  # a value the method refuses fails now, not mid-grid
+    if target_psnr is None or not np.isfinite(target_psnr):
+        raise ValueError(f"the target PSNR must be a number of dB, got {target_psnr}")
+    steps = whole_number("steps", steps)
+    check_call_values(steps)
+    return {
+        "prompts": prompts,
+        "method": method,
+        "grid": grid,
+        "target_psnr": float(target_psnr),
+        "steps": steps,
+        "seed": checked_seed(seed),
+    }
+
+
+def calibrate_session(session: ComparisonSession, prompts, method: str, grid: dict, target_psnr: float, steps, seed):
+    """``eval.calibrate.calibrate`` on the session's pipeline, between its generations: (chosen, candidates, traces)."""
+    from eval.calibrate import calibrate
+    from h2cache.generate import call_arguments
+
+    with session.lock:
+        call = call_arguments(session.pipe, steps)
+        return calibrate(session.pipe, prompts, method, grid, target_psnr, seed, call)

@@ -10,6 +10,7 @@ import h2cache
 from eval.compare import (
     ComparisonSession,
     build_config,
+    calibration_inputs,
     default_request_values,
     difference_image,
     field_docs,
@@ -210,3 +211,54 @@ def test_app_flags_are_run_py_model_choices_plus_host_and_port():
         "v2",
     )
     assert app.parse_args(["--model", "tiny", "--port", "9000"]).port == 9000
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"prompts_text": " \n "}, "no prompts"),
+        ({"method": "taylorseer"}, "calibration covers"),
+        ({"grid_texts": {"tau1": "0.1,x", "tau2": "0.2"}}, "tau1: expected comma-separated numbers"),
+        ({"grid_texts": {"tau1": "0.1,-1", "tau2": "0.2"}}, "tau1"),
+        ({"target_psnr": None}, "target PSNR"),
+        ({"steps": 0}, "steps must be at least 1"),
+    ],
+)
+def test_bad_calibration_inputs_are_refused_before_any_generation(overrides, message):
+    values = {
+        "prompts_text": PROMPT,
+        "method": "h2",
+        "grid_texts": {"tau1": "0.1", "tau2": "0.2"},
+        "target_psnr": 30.0,
+        "steps": 4,
+        "seed": 0,
+        **overrides,
+    }
+    with pytest.raises(ValueError, match=message):
+        calibration_inputs(**values)
+
+
+def test_calibrate_tab_handler_chooses_thresholds_the_compare_tab_can_take(session):
+    import app
+
+    grids = {"tau1": "0.05, 0.3", "tau2": "0.5", "threshold": "not used by h2"}
+    prompts = f"{PROMPT}\n\na small red circle on the left against a white background\n"
+    status, table, plot, chosen = app.calibrate(session, prompts, "h2", 20.0, 4, 1000, *grids.values())
+    assert status.startswith("**Chosen:** h2 with tau1 ") and "over 2 prompts" in status
+    assert table.count("| tau1=") == 2 and "**chosen**" in table
+    assert isinstance(plot, Image.Image)
+    method, params = chosen
+    assert method == "h2" and params["tau1"] in (0.05, 0.3) and params["tau2"] == 0.5
+    form = dict(zip(app.parameter_keys(), app.chosen_form_values(chosen), strict=True))
+    assert form[("h2", "tau1")] == params["tau1"] and form[("h2", "tau2")] == 0.5
+    assert form[("h2", "pool1")] is None and form[("dbfcache", "tau1")] is None  # untouched fields
+
+
+def test_calibrate_tab_says_when_no_configuration_meets_the_target(session):
+    import app
+
+    status, table, plot, chosen = app.calibrate(
+        session, PROMPT, "fbcache", 1e6, 3, 0, "", "", "100"
+    )  # reuses every step
+    assert status.startswith("**No configuration**") and "threshold=100.0" in table
+    assert plot is None and chosen is None
