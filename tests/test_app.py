@@ -196,3 +196,39 @@ def test_generate_in_the_browser_then_a_bad_value_shows_a_message(app_url, brows
     assert not images_in(browser, "cached")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     assert hosts_requested(browser) <= {urlparse(app_url).netloc}
+
+
+def test_calibrate_tab_offers_its_choice_to_the_compare_tab(app_url, browser):
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(app_url)
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "button[role=tab]"), 60, "the page to render")
+    next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text == "Calibrate").click()
+    wait_until(lambda: browser.find_element(By.ID, "calibrate").is_displayed(), 30, "the calibrate tab")
+    replace_value(browser, "#calibration-prompts textarea", PROMPT)
+    replace_value(browser, "#grid-tau1 textarea", "0.05,0.3")
+    replace_value(browser, "#grid-tau2 textarea", "0.5")
+    replace_value(browser, "#calibration-steps input", "6")
+    replace_value(browser, "#target-psnr input", "20")
+    browser.find_element(By.CSS_SELECTOR, "#calibrate button, button#calibrate").click()
+
+    status = wait_until(
+        lambda: "Chosen" in (text := text_of(browser, "calibration-status")) and text, GENERATION_SECONDS, "the choice"
+    )
+    assert "over 1 prompts" in status and "tau1=0.3" in text_of(browser, "calibration-table")
+    tau1 = re.search(r"tau1 ([0-9.]+)", status).group(1)
+    use = browser.find_element(By.CSS_SELECTOR, "#use-chosen button, button#use-chosen")
+    wait_until(use.is_enabled, 30, "the use button to be enabled")
+    use.click()
+    slider_box = "#h2-tau1 input[type=number]"
+    wait_until(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, slider_box).is_displayed()
+            and float(browser.find_element(By.CSS_SELECTOR, slider_box).get_attribute("value")) == float(tau1)
+        ),
+        30,
+        f"the compare tab's tau1 to become {tau1}",
+    )
+    assert float(browser.find_element(By.CSS_SELECTOR, "#h2-tau2 input[type=number]").get_attribute("value")) == 0.5
