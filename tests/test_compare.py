@@ -138,7 +138,9 @@ def test_h2_comparison_reports_what_the_cache_skipped_and_how_close_it_stayed(se
     comparison = session.compare(request(seed=12), h2cache.H2CacheConfig(tau1=0.3, tau2=0.5))
     assert comparison.cached.size == comparison.uncached.size == (64, 64)
     assert 0 < comparison.blocks_run < comparison.blocks_total
-    assert comparison.blocks_total == STEPS * (4 + 8)  # the embedded model: 4 double + 8 single blocks a step
+    transformer = session.pipe.transformer
+    blocks_per_step = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert comparison.blocks_total == STEPS * blocks_per_step
     assert comparison.stage1_hits > 0 and comparison.steps_recorded == STEPS == len(comparison.trace)
     assert 10 < comparison.psnr < float("inf") and 0 < comparison.ssim < 1
     assert np.asarray(comparison.difference).any()

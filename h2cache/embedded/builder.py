@@ -77,8 +77,10 @@ EMBEDDED_SPEC = TinyFluxSpec(
     num_double=19,
     num_single=38,
     num_heads=2,
-    head_dim=24,
-    axes_dims_rope=(8, 8, 8),
+    # 64 channels, no fewer than a packed 2x2 latent patch has: a narrower stream (48 was tried) cannot carry the
+    # noisy input it must predict the velocity of, and drew blobs and speckles whatever the caption said.
+    head_dim=32,
+    axes_dims_rope=(8, 12, 12),
     text_dim=32,
     pooled_dim=32,
     vae_channels=(16, 32, 32, 32),

@@ -11,12 +11,16 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
    nearby pictures, which the sampler's small errors need). Its ``shift_factor``/``scaling_factor`` are then set from
    the latent mean and standard deviation, so the flow model works on unit-variance latents as FluxPipeline undoes.
 2. **Rectified flow** (``OUT/flow.pt``) on the ``FluxTransformer2DModel`` with FLUX.1's 19 double-stream + 38
-   single-stream blocks (narrow: 2 heads of 24 channels), with FLUX's objective: ``x_t = (1 - t) x0 + t noise``
+   single-stream blocks (narrow: 2 heads of 32 channels), with FLUX's objective: ``x_t = (1 - t) x0 + t noise``
    and the target velocity ``noise - x0``, on latents packed into 2x2 patches with ``img_ids``/``txt_ids`` from
    FluxPipeline's own helpers, prompt embeddings from FluxPipeline's own ``encode_prompt`` (CLIP pooled + T5
    sequence; both text encoders stay frozen at their seeded random weights: the grammar's words are distinct enough
    for the transformer to learn from), and ``timestep = t`` which the transformer scales by 1000, as the pipeline's
    ``timestep / 1000`` does.
+   * adaLN-Zero start (as DiT): every block's modulation layer and the output layer start at zero, so each of the 57
+     blocks begins as the identity and learns its gates first. From the default initialisation the deep, narrow
+     stack learned the captions far more slowly (at 1,200 steps its raw weights drew the named position in 20% of
+     the images and the named colour in 41%).
    * Captions name each attribute with probability 0.7 (``grammar.ATTRIBUTE_DROPOUT``); a left-out attribute is
      still drawn in the picture, at random, so "a red circle" and "a shape" draw as well as full captions.
    * Timesteps: ``t = sigmoid(n), n ~ N(0, 1)`` (SD3/FLUX logit-normal). The scheduler keeps its default config
@@ -133,6 +137,19 @@ def _train_step(optimizer, parameters, loss: torch.Tensor):
     optimizer.step()
 
 
+def _start_as_identity(transformer):
+    """adaLN-Zero: zero every block's modulation (so its gates, so its output) and the final layer."""
+    zeroed = [block.norm1.linear for block in transformer.transformer_blocks]
+    zeroed += [block.norm1_context.linear for block in transformer.transformer_blocks]
+    zeroed += [block.norm.linear for block in transformer.single_transformer_blocks]
+    zeroed += [transformer.norm_out.linear, transformer.proj_out]
+    with torch.no_grad():
+        for layer in zeroed:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return transformer
+
+
 class Trainer:
     """One phase's state: the pipeline (weights from ``seed``), the phase-1 autoencoder once it exists."""
 
@@ -144,7 +161,7 @@ class Trainer:
         components = build_components(EMBEDDED_SPEC, seed=seed)
         self.pipe = finish_pipeline(FluxPipeline(**components), EMBEDDED_SPEC.native_size, {})
         self.vae = self.pipe.vae
-        self.transformer = self.pipe.transformer
+        self.transformer = _start_as_identity(self.pipe.transformer)
 
     # --- phase 1: autoencoder ----------------------------------------------------------------------------------
     def train_autoencoder(self) -> float:
