@@ -5,9 +5,9 @@
 Draws ``count`` grammar captions (from a prompt seed of its own; half name all five attributes, half a random
 subset, as people write) and samples each with a fresh generation seed (training derives its noise from small seeds
 through a different formula, so these seeds were never trained on) by a plain ``pipe(prompt, generator=...)`` call:
-the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the images whose
-caption names it in which ``eval/checker.py`` finds it, the fraction with every named attribute right, and the
-seconds per image; writes the samples as a grid to ``assets/embedded_samples.png``.
+the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the
+images whose caption names it in which ``eval/checker.py`` finds it, the fraction with every named attribute right,
+and the seconds per image; writes the samples as a grid to ``assets/embedded_samples.png``.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.checker import check, read_attributes
 import h2cache
+from eval.checker import check, read_attributes
 from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, load_folder
 from h2cache.embedded.grammar import (
     ATTRIBUTES,
@@ -37,6 +37,14 @@ from h2cache.embedded.grammar import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Issue 9 replaces the shipped 4 + 8-block model, trained on full captions only, by a 19 + 38-block one trained on
+# captions naming any subset. Until its weights land, the tests of what only the new model can do must fail (strict).
+SHIPPED_IS_FLUX1_SHAPED = json.loads((SHIPPED_FOLDER / "transformer" / "config.json").read_text())["num_layers"] == 19
+needs_the_retrained_model = pytest.mark.xfail(
+    not SHIPPED_IS_FLUX1_SHAPED,
+    strict=True,
+    reason="issue 9: the shipped weights are still the 4 + 8-block model, trained on full captions only",
+)
 VALUES = {
     "size": SIZES,
     "colour": tuple(SHAPE_COLOURS),
@@ -119,6 +127,7 @@ def test_readme_python_snippet_draws_what_it_asks(tmp_path):
     assert len(verdict) >= 2 and all(verdict.values()), verdict
 
 
+@needs_the_retrained_model
 def test_plain_calls_of_load_pipeline_draw_partial_captions():
     pipe = h2cache.load_pipeline("tiny")
     assert not failures_of(pipe, PARTIAL_SCENES, first_seed=300)
@@ -134,6 +143,7 @@ def test_plain_call_uses_the_model_defaults_and_explicit_arguments_win(pipe):
     assert np.asarray(plain).tobytes() != np.asarray(padded).tobytes()
 
 
+@needs_the_retrained_model
 def test_from_pretrained_draws_with_the_arguments_the_readme_names():
     from diffusers import FluxPipeline
 
@@ -157,6 +167,7 @@ def test_library_never_imports_the_evaluation_tools():
             assert not any(name == "eval" or name.startswith("eval.") for name in names), path
 
 
+@needs_the_retrained_model
 def test_architecture_has_flux1_block_counts(pipe):
     config = pipe.transformer.config
     assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
@@ -235,6 +246,7 @@ def test_captions_parse_back_and_reject_other_text():
             parse_caption(text)
 
 
+@needs_the_retrained_model
 def test_tokenizers_know_every_grammar_word(pipe):
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
         ids = [tokenizer.convert_tokens_to_ids(word) for word in VOCABULARY]
