@@ -21,7 +21,7 @@ from h2cache.models import parse_lora
 PROMPT = "a small red circle on the left against a white background"  # a caption the embedded model knows
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
-NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
+NUNCHAKU_CLASS = "auto"  # auto (v2; v1 on Turing) | v2 (per-block modules) | v1 (fused C++ model; has the LoRA API)
 METHOD = "h2"  # none | h2 | dbfcache | fbcache (Block Cache) | teacache | taylorseer | hicache
 THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
 INTERVAL = ORDER = None  # taylorseer / hicache schedule interval and order (None: the method's default)
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nunchaku transformer: safetensors file or org/repo/file",
         shown="FLUX.1-dev at this GPU's precision",
     )
-    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["v1", "v2"], help="nunchaku transformer class")
+    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["auto", "v1", "v2"], help="nunchaku transformer class")
     arg(
         "--lora",
         default=LORA,

@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nunchaku-class",
         default="v1",
-        choices=["v1", "v2"],
-        help="nunchaku class (v1: the paper's, and the one with the LoRA API)",
+        choices=["auto", "v1", "v2"],
+        help="nunchaku class (v1: the paper's, and the one with the LoRA API; auto: v2, but v1 on Turing)",
     )
     parser.add_argument("--lora", default=None, metavar="PATH:SCALE", help="a LoRA and its strength")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
