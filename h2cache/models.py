@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import embedded
+from .nunchaku_wheels import ALL_TORCH_VERSIONS, major_minor
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 NUNCHAKU_FLUX_DEV = "nunchaku-tech/nunchaku-flux.1-dev/svdq-{precision}_r32-flux.1-dev.safetensors"
@@ -29,10 +30,8 @@ NUNCHAKU_INSTALL_HINT = (
     "run python scripts/install_nunchaku.py (it picks nunchaku's CUDA wheel for your torch and Python from "
     "https://github.com/nunchaku-tech/nunchaku/releases)"
 )
-# The oldest nunchaku whose V1/V2 calls h2cache uses (unchanged since 1.0.0; 0.3.x exports no V2 class), and the
-# torch versions current nunchaku releases publish wheels for (nunchaku-integration spec, section 1).
+# The oldest nunchaku whose V1/V2 calls h2cache uses (unchanged since 1.0.0; 0.3.x exports no V2 class).
 NUNCHAKU_MIN_VERSION = "1.0.0"
-NUNCHAKU_TORCH_VERSIONS = ("2.7", "2.8", "2.9")
 
 
 class SetupError(RuntimeError):
@@ -53,10 +52,6 @@ class Facts:
     unmet_requirements: tuple[tuple[str, str], ...] = ()
 
 
-def _major_minor(version: str) -> str:
-    return ".".join(version.split("+")[0].split(".")[:2])
-
-
 def nunchaku_mismatch(facts: Facts) -> str | None:
     """Why the installed real nunchaku cannot run here (too old, built for another torch, unmet requirements),
     with the fix; None when it can or when the versions are unknown."""
@@ -72,13 +67,13 @@ def nunchaku_mismatch(facts: Facts) -> str | None:
         )
     built_for = version.partition("+")[2].rpartition("torch")[2] or None
     if facts.torch_version is not None and built_for is not None:
-        installed = _major_minor(facts.torch_version)
+        installed = major_minor(facts.torch_version)
         if installed != built_for:
             message = f"nunchaku {version} is built for torch {built_for}, but torch {facts.torch_version} is installed"
-            if installed not in NUNCHAKU_TORCH_VERSIONS:
+            if installed not in ALL_TORCH_VERSIONS:
                 return (
                     f"{message}, and nunchaku has no wheel for torch {installed} (only for torch "
-                    f"{', '.join(NUNCHAKU_TORCH_VERSIONS)}): pip install 'torch=={built_for}.*' 'torchvision' in a "
+                    f"{', '.join(ALL_TORCH_VERSIONS)}): pip install 'torch=={built_for}.*' 'torchvision' in a "
                     f"separate environment, then {NUNCHAKU_INSTALL_HINT}"
                 )
             return f"{message} (the import fails on the ABI mismatch): {NUNCHAKU_INSTALL_HINT}"

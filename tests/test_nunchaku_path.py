@@ -275,3 +275,82 @@ def test_pulid_keywords_cache_while_inactive_and_fall_back_while_active(make_pip
     with torch.no_grad(), pytest.warns(UserWarning, match="PuLID identity embeddings"):
         model(**inputs, id_embeddings=torch.ones(1, 32, 128), id_weight=1.0)
     assert len(received) == 1 and received[0] is not None
+
+
+# --- 7. speedups are measured against the native pipeline, with h2cache's `none` beside it ---------------------------
+def test_the_runners_baseline_is_nunchakus_fused_forward_and_none_runs_beside_it(make_pipe, tmp_path):
+    from argparse import Namespace
+
+    from eval.runner import Experiment, parse_config
+    from eval.tables import build_table
+
+    pipe = make_pipe(THREE_DOUBLE).to(torch.bfloat16)
+    standin = with_transformer(pipe, nunchaku_v1_standin(pipe.transformer))
+    m = standin.transformer.transformer_blocks[0].m
+    args = Namespace(out=tmp_path, steps=3, guidance=None, height=None, width=None, seed=0)
+    prompts = [("p0", "a red circle")]
+    baseline, none = parse_config("baseline"), parse_config("none")
+    assert Experiment(args, [baseline], prompts).generate_with(standin, "tiny", prompts) == 1
+    assert (m.fused_calls, m.layer_calls) == (2 + 3, 0)  # warm-up and timed call: nunchaku's own forward only
+    experiment = Experiment(args, [baseline, none], prompts)
+    assert experiment.generate_with(standin, "tiny", prompts) == 1  # the baseline is resumed, `none` generated
+    assert (m.fused_calls, m.layer_calls) == (2 + 3, (2 + 3) * (3 + 4))  # h2cache's loop: one call per layer
+    assert "forward" not in vars(standin.transformer)  # the cache is taken off after its configuration
+    assert experiment.image_path(baseline, "p0").read_bytes() == experiment.image_path(none, "p0").read_bytes()
+    rows = build_table(experiment.records())
+    assert [(row.config, row.method, row.is_baseline) for row in rows] == [
+        ("baseline", "native", True),
+        ("h2cache none", "none", False),
+    ]
+    assert all(record["blocks_run"] == record["blocks_total"] == 3 * 7 for record in experiment.records())
+
+
+def test_run_py_reports_the_speedup_against_the_native_pipeline(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    result = run_cli("--model", "random", "--steps", "3", "--method", "fbcache", "--baseline", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(next(out.glob("*.json")).read_text())
+    assert record["native_time_s"] > 0 and record["none_time_s"] > 0
+    assert record["speedup_time"] == pytest.approx(record["native_time_s"] / record["time_s"])
+    assert f"{record['speedup_time']:.2f}x faster than native" in result.stdout
+    assert "h2cache none" in result.stdout
+
+
+# --- installing the real nunchaku: the wheel for this torch and Python, or a reason -----------------------------------
+@pytest.mark.parametrize(
+    "environment, expected",
+    [
+        (("2.9.1+cu130", "3.11", "linux", "x86_64"), "v1.1.0/nunchaku-1.1.0+torch2.9-cp311-cp311-linux_x86_64.whl"),
+        (("2.7.0", "3.13", "linux", "x86_64"), "v1.1.0/nunchaku-1.1.0+torch2.7-cp313-cp313-linux_x86_64.whl"),
+        (("2.9.0+cu130", "3.10", "win32", "AMD64"), "v1.1.0/nunchaku-1.1.0+torch2.9-cp310-cp310-win_amd64.whl"),
+        (("2.14.1", "3.11", "linux", "x86_64"), "no linux_x86_64 wheel for torch 2.14 (only for torch 2.7, 2.8, 2.9)"),
+        (("2.8.0", "3.12", "win32", "AMD64"), "no win_amd64 wheel for torch 2.8 (only for torch 2.9)"),
+        (("2.9.0", "3.9", "linux", "x86_64"), "wheels for Python 3.10, 3.11, 3.12, 3.13, not 3.9"),
+        (("2.9.0", "3.11", "linux", "aarch64"), "Linux x86_64 and Windows x86_64 only"),
+    ],
+)
+def test_the_wheel_matches_torch_python_and_platform_or_the_reason_is_named(environment, expected):
+    from h2cache.nunchaku_wheels import RELEASES_URL, Environment, NoWheel, wheel_url
+
+    if expected.endswith(".whl"):
+        assert wheel_url(Environment(*environment)) == f"{RELEASES_URL}/download/{expected}"
+    else:
+        with pytest.raises(NoWheel, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            wheel_url(Environment(*environment))
+
+
+def test_install_script_refuses_this_torch_and_installs_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from h2cache.nunchaku_wheels import major_minor
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "install_nunchaku.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert (
+        result.returncode == 1 and f"no linux_x86_64 wheel for torch {major_minor(torch.__version__)}" in result.stderr
+    )
+    assert "pip install 'torch==2.9.*'" in result.stderr and "Collecting" not in result.stdout
