@@ -137,7 +137,8 @@ def checkpoint_float_dtypes(path: str) -> set[str] | None:
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(length))
-    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__" and entry["dtype"][0] in "BF"}
+    tensors = (entry for name, entry in header.items() if name != "__metadata__")
+    return {entry["dtype"] for entry in tensors if entry["dtype"].startswith(("F", "BF"))}
 
 
 @dataclass
@@ -228,6 +229,8 @@ def _plan_nunchaku(base: str, transformer: str | None, nunchaku_class: str, fact
         why = "V2 loads only checkpoints already in fp16, and Turing runs fp16"
         if nunchaku_class == "v2" and dtypes is not None and not fp16_checkpoint:
             raise SetupError(f"{transformer} holds {', '.join(sorted(dtypes))} tensors; {why}: use --nunchaku-class v1")
+        if nunchaku_class == "v2" and dtypes is None:
+            notices.append(f"Turing (sm_75) with nunchaku V2: {why}; the published checkpoints are bf16")
         if nunchaku_class == "auto":
             nunchaku_class = "v2" if fp16_checkpoint else "v1"
             if nunchaku_class == "v1":

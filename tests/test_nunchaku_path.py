@@ -120,6 +120,8 @@ def test_turing_runs_nunchaku_v1_unless_the_checkpoint_is_already_fp16(tmp_path)
         )
         plan = plan_model(str(folder), transformer=str(path), facts=facts)
         assert plan.nunchaku_class == expected, name
+    with pytest.raises(SetupError, match="holds BF16 tensors; V2 loads only .* use --nunchaku-class v1"):
+        plan_model(str(folder), transformer=str(tmp_path / "bf16.safetensors"), nunchaku_class="v2", facts=facts)
     ampere = plan_model(
         str(folder), transformer=str(tmp_path / "bf16.safetensors"), facts=Facts(cuda=True, sm=86, nunchaku="real")
     )
