@@ -60,6 +60,19 @@ class BlockRunner:
             self.double_blocks_run += 1
         return streams
 
+    def rest_of_model(self, streams: Streams, start: int) -> Streams:
+        """Double blocks ``start``.. and every single block, back out of the single stage: in one fused call where
+        the backend has one (nunchaku V1: one device synchronisation instead of one per layer) and no ControlNet
+        residual is to be added, else block by block."""
+        if self._controlnet_double is None and self._controlnet_single is None:
+            fused = self._backend.fused_rest(streams, start, self._context)
+            if fused is not None:
+                self.double_blocks_run += self.num_double - start
+                self.single_blocks_run += self.num_single
+                return fused
+        streams = self.double_blocks(streams, start)
+        return self.leave_single(self.single_blocks(self.enter_single(streams), 0))
+
     def enter_single(self, streams: Streams):
         return self._backend.enter_single(streams)
 

@@ -81,7 +81,13 @@ def test_v1_layers_wrap_indices_check_dtypes_and_run_fused(make_pipe):
         native = model(**inputs)[0]
         h2cache.apply(model, "none")
         assert torch.equal(model(**inputs)[0], native)
-    assert (m.fused_calls, m.layer_calls) == (1, 3 + 4)  # nunchaku's forward: one call; h2cache's: one per layer
+        assert (m.fused_calls, m.layer_calls) == (2, 0)  # h2cache's `none` on V1: nunchaku's fused call too
+        h2cache.apply(model, "fbcache")
+        assert torch.equal(model(**inputs)[0], native)  # a first step misses: the probe layer, then 1.. fused
+        assert (m.fused_calls, m.layer_calls) == (3, 1)
+        h2cache.apply(model, "h2")
+        assert torch.equal(model(**inputs)[0], native)  # H2's probes split the model: one call per layer
+    assert (m.fused_calls, m.layer_calls) == (3, 1 + 3 + 4)
 
 
 def test_v2_standin_in_fp16_clips_and_matches_the_owned_forward(make_pipe, run, monkeypatch):
@@ -296,7 +302,7 @@ def test_the_runners_baseline_is_nunchakus_fused_forward_and_none_runs_beside_it
     assert (m.fused_calls, m.layer_calls) == (2 + 3, 0)  # warm-up and timed call: nunchaku's own forward only
     experiment = Experiment(args, [baseline, none], prompts)
     assert experiment.generate_with(standin, "tiny", prompts) == 1  # the baseline is resumed, `none` generated
-    assert (m.fused_calls, m.layer_calls) == (2 + 3, (2 + 3) * (3 + 4))  # h2cache's loop: one call per layer
+    assert (m.fused_calls, m.layer_calls) == (2 * (2 + 3), 0)  # `none` runs V1's fused call as well
     assert "forward" not in vars(standin.transformer)  # the cache is taken off after its configuration
     assert experiment.image_path(baseline, "p0").read_bytes() == experiment.image_path(none, "p0").read_bytes()
     rows = build_table(experiment.records())

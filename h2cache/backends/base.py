@@ -135,6 +135,11 @@ class Backend:
         """Add ``delta`` to the image tokens of a single-stage state (ControlNet residuals)."""
         raise NotImplementedError
 
+    def fused_rest(self, streams: Streams, start: int, context: BlockContext) -> Streams | None:
+        """Double blocks ``start``.. and every single block in one call, or None where the backend has no such call
+        (then the controller runs them block by block)."""
+        return None
+
     def modulated_input(self, streams: Streams, context: BlockContext) -> torch.Tensor:
         """Double block 0's AdaLN-modulated image input, TeaCache's step-change indicator."""
         return self.model.transformer_blocks[0].norm1(streams.img, emb=context.block_temb)[0]

@@ -147,5 +147,24 @@ class NunchakuV1Backend(_ConcatenatedSingleStage):
     def single(self, index, state, context):
         return self._blocks.m.forward_single_layer(index, state, context.block_temb, context.rotary["single"])
 
+    def fused_rest(self, streams, start, context):
+        # m.forward runs layers 0..56, or 1..56 with skip_first_layer, synchronising once; per-layer calls
+        # synchronise and copy their outputs once per layer.
+        if start > 1:
+            return None
+        rotary = context.rotary
+        joint = self._blocks.m.forward(
+            streams.img,
+            streams.txt,
+            context.block_temb,
+            rotary["img"],
+            rotary["txt"],
+            rotary["single"],
+            None,
+            None,
+            start == 1,
+        )
+        return Streams(img=joint[:, context.num_txt :], txt=joint[:, : context.num_txt])
+
     def modulated_input(self, streams, context):
         return self._blocks.m.norm_one_forward(0, streams.img, context.block_temb)[0]
