@@ -203,14 +203,15 @@ def page_parameter_defaults():
 
 def test_app_flags_are_run_py_model_choices_plus_host_and_port():
     import app
+    import run
 
     args = app.parse_args([])
     assert (args.host, args.port, args.model, args.transformer, args.nunchaku_class) == (
         "127.0.0.1",
         app.DEFAULT_PORT,
-        "auto",
+        run.MODEL,
         None,
-        "v2",
+        run.NUNCHAKU_CLASS,
     )
     assert app.parse_args(["--model", "tiny", "--port", "9000"]).port == 9000
 
