@@ -215,3 +215,79 @@ class HiCacheConfig(MethodConfig):
     def __post_init__(self):
         _check_schedule("HiCacheConfig", self.interval, self.order, self.first_enhance)
         _check_threshold("HiCacheConfig", "scale", self.scale)
+
+
+FORECAST_BASES = ("taylor", "hermite")
+
+
+@dataclass
+class H2ForecastConfig(MethodConfig):
+    r"""H2-Forecast: H2-Cache's two probes decide what each stage computes; a reused stage is forecast, not copied.
+
+    Each step, double block 0 and single block 0 run as probes and are summarised by PFS, as in H2-Cache. A stage
+    whose probe stays within its threshold skips its remaining blocks, and their residual is extrapolated from the
+    stage's last full computations (Taylor finite differences as in TaylorSeer, or HiCache's scaled Hermite basis)
+    instead of being reused as it was. By default the distance is TeaCache's: the relative L1 between consecutive
+    steps' probe thumbnails, summed since the stage's last miss, so a threshold bounds how far the probe has drifted
+    along its path, a quantity that does not grow with the step count as the distance to a fixed anchor's step
+    spacing does.
+
+    Args:
+        tau1 (`float`, defaults to 0.3):
+            Structure threshold (double blocks): the stage is forecast while its distance stays strictly below
+            it. As in H2-Cache, larger means more reuse.
+        tau2 (`float`, defaults to 0.3):
+            Detail threshold (single blocks), the same way.
+        pool1 (`int`, defaults to 2048): stage-1 PFS divisor, as ``H2CacheConfig.pool1``.
+        pool2 (`int`, defaults to 384): stage-2 PFS divisor, as ``H2CacheConfig.pool2``.
+        accumulate (`bool`, defaults to True):
+            True: the distance is the sum of step-to-step probe distances since the stage's last miss (TeaCache's
+            accumulation). False: the distance to the probe of the last miss, H2-Cache's rule.
+        order (`int`, defaults to 1):
+            Highest finite difference of the forecast; 0 reuses the last computed residual as H2-Cache does.
+        basis (`str`, defaults to "taylor"): "taylor" (``k^i / i!``) or "hermite" (HiCache's scaled Hermite).
+        scale (`float`, defaults to 0.5): the Hermite scale sigma; unused by "taylor".
+        max_hits (`int`, *optional*, defaults to 6):
+            Longest run of consecutive forecasts per stage before it is computed again; None for no cap.
+        warmup (`int`, defaults to 2):
+            Leading steps computed in full, so that the first forecast already has a first difference.
+        mode (`str`, defaults to "independent"):
+            "independent": each stage is judged on its own probe. "official": a stage-1 hit also forecasts stage 2
+            without judging it, as H2-Cache's code does.
+    """
+
+    method = "h2-forecast"
+    tau1: float = 0.3
+    tau2: float = 0.3
+    pool1: int = 2048
+    pool2: int = 384
+    accumulate: bool = True
+    order: int = 1
+    basis: str = "taylor"
+    scale: float = 0.5
+    max_hits: int | None = 6
+    warmup: int = 2
+    mode: str = "independent"
+
+    def __post_init__(self):
+        owner = "H2ForecastConfig"
+        _check_threshold(owner, "tau1", self.tau1)
+        _check_threshold(owner, "tau2", self.tau2)
+        _check_divisor(owner, "pool1", self.pool1)
+        _check_divisor(owner, "pool2", self.pool2)
+        if not isinstance(self.accumulate, bool):
+            raise ValueError(f"{owner}.accumulate must be True or False, got {self.accumulate!r}")
+        _check_count(owner, "order", self.order, 0)
+        if self.basis not in FORECAST_BASES:
+            raise ValueError(f"{owner}.basis must be one of {FORECAST_BASES}, got {self.basis!r}")
+        _check_threshold(owner, "scale", self.scale)
+        if self.max_hits is not None:
+            _check_count(owner, "max_hits", self.max_hits, 1)
+        _check_count(owner, "warmup", self.warmup, 1)
+        if self.mode not in H2_MODES:
+            raise ValueError(f"{owner}.mode must be one of {H2_MODES}, got {self.mode!r}")
+
+
+def _check_count(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
