@@ -218,6 +218,7 @@ class HiCacheConfig(MethodConfig):
 
 
 FORECAST_BASES = ("taylor", "hermite")
+FORECAST_DISTANCES = ("forecast", "accumulated", "anchor")
 
 
 @dataclass
@@ -240,9 +241,11 @@ class H2ForecastConfig(MethodConfig):
             Detail threshold (single blocks), the same way.
         pool1 (`int`, defaults to 2048): stage-1 PFS divisor, as ``H2CacheConfig.pool1``.
         pool2 (`int`, defaults to 384): stage-2 PFS divisor, as ``H2CacheConfig.pool2``.
-        accumulate (`bool`, defaults to True):
-            True: the distance is the sum of step-to-step probe distances since the stage's last miss (TeaCache's
-            accumulation). False: the distance to the probe of the last miss, H2-Cache's rule.
+        distance (`str`, defaults to "forecast"):
+            What the probe's thumbnail is compared with. "forecast": its own forecast from the stage's computed
+            steps (the same extrapolation the stage gets), so the threshold bounds the relative forecast error.
+            "accumulated": the previous step's thumbnail, the relative L1 summed since the stage's last miss
+            (TeaCache's accumulation). "anchor": the thumbnail of the last miss (H2-Cache's rule).
         order (`int`, defaults to 1):
             Highest finite difference of the forecast; 0 reuses the last computed residual as H2-Cache does.
         basis (`str`, defaults to "taylor"): "taylor" (``k^i / i!``) or "hermite" (HiCache's scaled Hermite).
@@ -261,7 +264,7 @@ class H2ForecastConfig(MethodConfig):
     tau2: float = 0.3
     pool1: int = 2048
     pool2: int = 384
-    accumulate: bool = True
+    distance: str = "forecast"
     order: int = 1
     basis: str = "taylor"
     scale: float = 0.5
@@ -275,8 +278,8 @@ class H2ForecastConfig(MethodConfig):
         _check_threshold(owner, "tau2", self.tau2)
         _check_divisor(owner, "pool1", self.pool1)
         _check_divisor(owner, "pool2", self.pool2)
-        if not isinstance(self.accumulate, bool):
-            raise ValueError(f"{owner}.accumulate must be True or False, got {self.accumulate!r}")
+        if self.distance not in FORECAST_DISTANCES:
+            raise ValueError(f"{owner}.distance must be one of {FORECAST_DISTANCES}, got {self.distance!r}")
         _check_count(owner, "order", self.order, 0)
         if self.basis not in FORECAST_BASES:
             raise ValueError(f"{owner}.basis must be one of {FORECAST_BASES}, got {self.basis!r}")

@@ -104,6 +104,7 @@ def test_batch_samples_keep_separate_histories(make_pipe, run):
         for together, single in zip(batched, alone, strict=True):
             torch.testing.assert_close(together[sample : sample + 1], single)
     # distances accumulate per sample: each is the sum of that sample's own step-to-step distances
+    method = H2Forecast(H2ForecastConfig(distance="accumulated"))
     history = StageHistory(differences=[torch.zeros(2, 1)], computed_steps=[0])
     history.previous, history.accumulated = torch.ones(2, 4), torch.zeros(2)
     for step, scale in enumerate((1.5, 2.0), start=2):
@@ -160,7 +161,7 @@ def test_official_mode_forecasts_stage_two_whenever_stage_one_hits(make_pipe, ru
         ({"basis": "chebyshev"}, "basis"),
         ({"max_hits": 0}, "max_hits"),
         ({"warmup": 0}, "warmup"),
-        ({"accumulate": "yes"}, "accumulate"),
+        ({"distance": "euclid"}, "distance"),
         ({"mode": "paper"}, "mode"),
         ({"pool1": 0}, "pool1"),
     ],
@@ -168,3 +169,16 @@ def test_official_mode_forecasts_stage_two_whenever_stage_one_hits(make_pipe, ru
 def test_parameters_are_validated(make_pipe, params, field):
     with pytest.raises(ValueError, match=field):
         h2cache.apply(make_pipe(), "h2-forecast", **params)
+
+
+def test_anchor_distance_without_forecast_cap_or_warmup_is_exactly_h2(make_pipe, run):
+    """The settings benchmarks/ablation.py starts from: H2-Cache's rule, so each ablation changes one thing."""
+    pipe = make_pipe()
+    h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
+    expected = run(pipe, steps=14)
+    expected_trace = h2cache.stats(pipe)
+    paper_rule = {"distance": "anchor", "order": 0, "max_hits": None, "warmup": 1, "mode": "official"}
+    h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **paper_rule)
+    latents = run(pipe, steps=14)
+    assert h2cache.stats(pipe) == expected_trace and any(r["stage1"] == HIT for r in expected_trace)
+    assert torch.equal(latents, expected)

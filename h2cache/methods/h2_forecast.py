@@ -3,8 +3,9 @@
 Per step and stage, as in H2-Cache: the stage's first block runs as a probe, and its residual's PFS thumbnail is
 compared with earlier ones. Unlike H2-Cache:
 
-  - the distance is, by default, accumulated: the relative L1 between this step's and the previous step's thumbnail,
-    summed since the stage's last miss (TeaCache's rule, on H2-Cache's probes);
+  - the distance is, by default, the probe's own forecast error: the probe's thumbnail is extrapolated from its
+    values at the stage's computed steps exactly as the rest of the stage is, and compared (relative L1) with the
+    thumbnail it really has; alternatives are TeaCache's accumulated step-to-step distance and H2-Cache's anchor;
   - a reused stage adds a forecast of its remaining blocks' residual, extrapolated from the stage's last full
     computations with ``forecast.py``'s finite differences (TaylorSeer) or scaled Hermite basis (HiCache);
   - stage 2 is judged on its own probe even when stage 1 hit (``mode="official"`` restores the forced reuse);
@@ -41,13 +42,19 @@ class StageHistory:
     computed_steps: list[int] = field(default_factory=list)
     hits_in_row: int = 0
 
-    def distance(self, summary: torch.Tensor, accumulate: bool) -> torch.Tensor | None:
+    probe_differences: list = field(default_factory=list)  # the same for the probe's thumbnail
+
+    def distance(self, summary: torch.Tensor, kind: str, step: int, coefficient) -> torch.Tensor | None:
         """Per-sample distance of this step's probe, or None when there is nothing comparable yet."""
         if self.previous is None or self.previous.shape != summary.shape:
             return None
-        if accumulate:
+        if kind == "accumulated":
             return self.accumulated + relative_l1(self.previous, summary)
-        return relative_l1(self.anchor, summary)
+        if kind == "anchor":
+            return relative_l1(self.anchor, summary)
+        # how far the probe is from its own forecast: the error the rest of the stage's forecast would share
+        expected = extrapolate(self.probe_differences, step - self.computed_steps[-1], coefficient)
+        return relative_l1(summary, expected)
 
 
 @dataclass
@@ -88,8 +95,10 @@ class H2Forecast(CacheMethod):
 
     def judge(self, history: StageHistory, summary: torch.Tensor, threshold: float, step: int) -> StageDecision:
         """Hit when past warm-up, within the cap, and every sample's distance is strictly below ``threshold``."""
-        distances = history.distance(summary, self.config.accumulate)
-        if distances is None or not history.computed_steps:
+        if not history.computed_steps:
+            return StageDecision(MISS)
+        distances = history.distance(summary, self.config.distance, step, self.coefficient)
+        if distances is None:
             return StageDecision(MISS)
         capped = self.config.max_hits is not None and history.hits_in_row >= self.config.max_hits
         hit = step >= self.config.warmup and not capped and bool((distances < threshold).all())
@@ -108,9 +117,9 @@ class H2Forecast(CacheMethod):
             return add_residual(probe_output, self.forecast(history, distance))
         output = run_rest(probe_output)
         spacing = step - history.computed_steps[-1] if history.computed_steps else 1
-        history.differences = refreshed_differences(
-            history.differences, residual(output, probe_output), spacing, self.config.order
-        )
+        order = self.config.order
+        history.differences = refreshed_differences(history.differences, residual(output, probe_output), spacing, order)
+        history.probe_differences = refreshed_differences(history.probe_differences, summary, spacing, order)
         history.computed_steps.append(step)
         history.anchor = summary
         history.accumulated = torch.zeros(summary.shape[0], device=summary.device)
