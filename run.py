@@ -26,7 +26,7 @@ METHOD = "h2"  # none | h2 | h2-forecast | dbfcache | fbcache (Block Cache) | te
 THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
 INTERVAL = ORDER = None  # taylorseer / hicache interval, and their / h2-forecast's order (None: the method's)
 TAU1 = TAU2 = None  # structure / detail thresholds (None: the method's; h2: 0.15 / 0.22, the authors' values)
-MAX_HITS = None  # h2-forecast: longest run of forecasts per stage (None: the method's default)
+MAX_RUN = None  # h2-forecast: longest run of forecasts, a share of the steps (None: the method's default)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
 MODE = None  # official: a stage-1 hit forces stage 2 | independent: stage 2 judged alone (None: the method's)
 STEPS = None  # None: the model's default (50 for FLUX.1-dev, the embedded model's own)
@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         shown="the method's: taylorseer 1, hicache 2, h2-forecast 1",
     )
     arg(
-        "--max-hits",
-        type=int,
-        default=MAX_HITS,
-        help="H2-Forecast: longest run of forecasts per stage",
-        shown="the method's: 6",
+        "--max-run",
+        type=float,
+        default=MAX_RUN,
+        help="H2-Forecast: longest run of forecasts per stage, as a share of the steps",
+        shown="the method's: 0.24",
     )
     arg(
         "--mode",

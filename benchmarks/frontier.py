@@ -82,11 +82,9 @@ def h2cache_sweep(steps: int) -> list[BenchConfig]:
     return out
 
 
-H2_FORECAST_SWEEP = (
-    [{"tau1": 0.5, "tau2": 0.5, "order": 2, "basis": "hermite", "max_hits": m} for m in (3, 4, 5, 6, 7, 8)]
-    + [{"tau1": 0.5, "tau2": 0.5, "order": 2, "max_hits": m} for m in (4, 6)]
-    + [{"tau1": t, "tau2": t, "order": 2, "basis": "hermite", "max_hits": 8} for t in (0.15, 0.25)]
-)
+H2_FORECAST_SWEEP = [{"tau1": t, "tau2": t} for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)] + [
+    {"tau1": 0.3, "tau2": 0.3, "max_run": r} for r in (0.16, 0.36)
+]
 
 
 def peer_sweep(steps: int) -> list[BenchConfig]:

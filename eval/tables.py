@@ -190,7 +190,7 @@ def format_table(rows: Sequence[ConfigRow], labels: Mapping[str, str] | None = N
 
 
 def _footnoted(cell: str, footnotes: dict[str, int]) -> str:
-    """"n/a (weights missing: X)" -> "n/a [k]", the reason once below the table as footnote k."""
+    """A cell "n/a (weights missing: X)" becomes "n/a [k]", and the reason is kept once, as footnote k."""
     if not cell.startswith(NOT_AVAILABLE + " (") or not cell.endswith(")"):
         return cell
     reason = cell[len(NOT_AVAILABLE) + 2 : -1]

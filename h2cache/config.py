@@ -246,12 +246,14 @@ class H2ForecastConfig(MethodConfig):
             steps (the same extrapolation the stage gets), so the threshold bounds the relative forecast error.
             "accumulated": the previous step's thumbnail, the relative L1 summed since the stage's last miss
             (TeaCache's accumulation). "anchor": the thumbnail of the last miss (H2-Cache's rule).
-        order (`int`, defaults to 1):
+        order (`int`, defaults to 2):
             Highest finite difference of the forecast; 0 reuses the last computed residual as H2-Cache does.
-        basis (`str`, defaults to "taylor"): "taylor" (``k^i / i!``) or "hermite" (HiCache's scaled Hermite).
+        basis (`str`, defaults to "hermite"): "taylor" (``k^i / i!``) or "hermite" (HiCache's scaled Hermite).
         scale (`float`, defaults to 0.5): the Hermite scale sigma; unused by "taylor".
-        max_hits (`int`, *optional*, defaults to 6):
-            Longest run of consecutive forecasts per stage before it is computed again; None for no cap.
+        max_run (`float`, *optional*, defaults to 0.24):
+            Longest run of consecutive forecasts per stage, as a share of the call's steps (0.24: 12 of 50, 24 of
+            100), so that it means the same stretch of the trajectory at any step count. None: no cap (also when
+            the step count is unknown, on a bare transformer).
         warmup (`int`, defaults to 2):
             Leading steps computed in full, so that the first forecast already has a first difference.
         mode (`str`, defaults to "independent"):
@@ -265,10 +267,10 @@ class H2ForecastConfig(MethodConfig):
     pool1: int = 2048
     pool2: int = 384
     distance: str = "forecast"
-    order: int = 1
-    basis: str = "taylor"
+    order: int = 2
+    basis: str = "hermite"
     scale: float = 0.5
-    max_hits: int | None = 6
+    max_run: float | None = 0.24
     warmup: int = 2
     mode: str = "independent"
 
@@ -284,8 +286,8 @@ class H2ForecastConfig(MethodConfig):
         if self.basis not in FORECAST_BASES:
             raise ValueError(f"{owner}.basis must be one of {FORECAST_BASES}, got {self.basis!r}")
         _check_threshold(owner, "scale", self.scale)
-        if self.max_hits is not None:
-            _check_count(owner, "max_hits", self.max_hits, 1)
+        if self.max_run is not None:
+            _check_threshold(owner, "max_run", self.max_run)
         _check_count(owner, "warmup", self.warmup, 1)
         if self.mode not in H2_MODES:
             raise ValueError(f"{owner}.mode must be one of {H2_MODES}, got {self.mode!r}")

@@ -11,7 +11,7 @@ from h2cache.config import H2ForecastConfig
 from h2cache.methods.h2_forecast import H2Forecast, StageHistory
 from h2cache.trace import HIT, MISS, StageDecision
 
-HITTING = {"tau1": 2.0, "tau2": 2.0, "max_hits": 3}
+HITTING = {"tau1": 2.0, "tau2": 2.0, "max_run": 0.2}  # 3 of 16 steps, 2 of 10
 
 
 def test_zero_thresholds_are_bit_identical_to_no_cache(make_pipe, run):
@@ -159,7 +159,7 @@ def test_official_mode_forecasts_stage_two_whenever_stage_one_hits(make_pipe, ru
         ({"tau2": float("nan")}, "tau2"),
         ({"order": -1}, "order"),
         ({"basis": "chebyshev"}, "basis"),
-        ({"max_hits": 0}, "max_hits"),
+        ({"max_run": -1}, "max_run"),
         ({"warmup": 0}, "warmup"),
         ({"distance": "euclid"}, "distance"),
         ({"mode": "paper"}, "mode"),
@@ -177,7 +177,7 @@ def test_anchor_distance_without_forecast_cap_or_warmup_is_exactly_h2(make_pipe,
     h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
     expected = run(pipe, steps=14)
     expected_trace = h2cache.stats(pipe)
-    paper_rule = {"distance": "anchor", "order": 0, "max_hits": None, "warmup": 1, "mode": "official"}
+    paper_rule = {"distance": "anchor", "order": 0, "max_run": None, "warmup": 1, "mode": "official"}
     h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **paper_rule)
     latents = run(pipe, steps=14)
     assert h2cache.stats(pipe) == expected_trace and any(r["stage1"] == HIT for r in expected_trace)

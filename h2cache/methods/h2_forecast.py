@@ -9,7 +9,8 @@ compared with earlier ones. Unlike H2-Cache:
   - a reused stage adds a forecast of its remaining blocks' residual, extrapolated from the stage's last full
     computations with ``forecast.py``'s finite differences (TaylorSeer) or scaled Hermite basis (HiCache);
   - stage 2 is judged on its own probe even when stage 1 hit (``mode="official"`` restores the forced reuse);
-  - the first ``warmup`` steps are computed, and a stage is recomputed after ``max_hits`` forecasts in a row.
+  - the first ``warmup`` steps are computed, and a stage is recomputed after ``max_run`` (a share of the call's
+    steps) forecasts in a row.
 
 Everything is per sample where it can be: distances accumulate per sample, and a stage is forecast only when every
 sample of the batch is below the threshold; the forecast itself is elementwise, so each sample extrapolates its own
@@ -18,6 +19,7 @@ residuals.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -78,7 +80,7 @@ class H2Forecast(CacheMethod):
         config = self.config
         probe = run.double_blocks(streams, 0, 1)
         summary1 = summarize(probe.img - streams.img, config.pool1)
-        stage1 = self.judge(state.structure, summary1, config.tau1, run.step_index)
+        stage1 = self.judge(state.structure, summary1, config.tau1, run.step_index, run.num_steps)
         streams = self.advance(
             state.structure, stage1, probe, summary1, run.step_index, lambda h: run.double_blocks(h, 1)
         )
@@ -89,18 +91,22 @@ class H2Forecast(CacheMethod):
         if stage1.decision == HIT and config.mode == "official":
             stage2 = StageDecision(FORCED)
         else:
-            stage2 = self.judge(state.detail, summary2, config.tau2, run.step_index)
+            stage2 = self.judge(state.detail, summary2, config.tau2, run.step_index, run.num_steps)
         joint = self.advance(state.detail, stage2, probe, summary2, run.step_index, lambda h: run.single_blocks(h, 1))
         return run.leave_single(joint), stage1, stage2
 
-    def judge(self, history: StageHistory, summary: torch.Tensor, threshold: float, step: int) -> StageDecision:
+    def judge(self, history: StageHistory, summary, threshold: float, step: int, num_steps=None) -> StageDecision:
         """Hit when past warm-up, within the cap, and every sample's distance is strictly below ``threshold``."""
         if not history.computed_steps:
             return StageDecision(MISS)
         distances = history.distance(summary, self.config.distance, step, self.coefficient)
         if distances is None:
             return StageDecision(MISS)
-        capped = self.config.max_hits is not None and history.hits_in_row >= self.config.max_hits
+        capped = (
+            self.config.max_run is not None
+            and num_steps is not None
+            and history.hits_in_row >= max(1, math.floor(self.config.max_run * num_steps + 1e-9))
+        )
         hit = step >= self.config.warmup and not capped and bool((distances < threshold).all())
         if hit:
             history.accumulated = distances
