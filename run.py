@@ -9,12 +9,14 @@ and, with --plot, the probe distances against their thresholds.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from h2cache.generate import check_call_values
 from h2cache.models import parse_lora
 
 # --- editable defaults ---------------------------------------------------------------------------------------------
@@ -44,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from h2cache import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-
-    def arg(*names, help, shown=None, **options):
-        if "action" not in options:
-            default = options.get("default")
-            help = f"{help} (default: {shown or (MODEL_DEFAULT if default is None else default)})"
-        parser.add_argument(*names, help=help, **options)
+    arg = functools.partial(add_argument, parser)
 
     arg("--prompt", default=PROMPT, help="what to draw")
     arg("--method", default=METHOD, choices=sorted(METHODS), help="cache method")
@@ -112,14 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--height", type=int, default=HEIGHT, help="image height in pixels, a multiple of 16")
     arg("--width", type=int, default=WIDTH, help="image width in pixels, a multiple of 16")
     arg("--seed", type=int, default=SEED, help="random seed of the initial noise")
-    arg("--model", default=MODEL, help="auto, tiny, random, nunchaku, diffusers, a local diffusers folder or a hub id")
-    arg(
-        "--transformer",
-        default=TRANSFORMER,
-        help="nunchaku transformer: safetensors file or org/repo/file",
-        shown="FLUX.1-dev at this GPU's precision",
-    )
-    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["v1", "v2"], help="nunchaku transformer class")
+    add_model_arguments(parser)
     arg(
         "--lora",
         default=LORA,
@@ -130,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--out", default=OUT, type=Path, help="output folder")
     arg("--plot", action="store_true", help="also write a PNG of the probe distances against the thresholds")
     return parser
+
+
+def add_argument(parser, *names, help, shown=None, **options) -> None:
+    """``parser.add_argument`` with the default appended to the help (``shown`` words it, e.g. "the method's")."""
+    if "action" not in options:
+        default = options.get("default")
+        help = f"{help} (default: {shown or (MODEL_DEFAULT if default is None else default)})"
+    parser.add_argument(*names, help=help, **options)
+
+
+def add_model_arguments(parser) -> None:
+    """--model, --transformer and --nunchaku-class: the model choice run.py and app.py share."""
+    arg = functools.partial(add_argument, parser)
+    arg("--model", default=MODEL, help="auto, tiny, random, nunchaku, diffusers, a local diffusers folder or a hub id")
+    arg(
+        "--transformer",
+        default=TRANSFORMER,
+        help="nunchaku transformer: safetensors file or org/repo/file",
+        shown="FLUX.1-dev at this GPU's precision",
+    )
+    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["v1", "v2"], help="nunchaku transformer class")
 
 
 def fail(message: str) -> None:
@@ -161,18 +172,31 @@ def validate(args):
         config = build_method(args.method, **method_params(args)).config
     except ValueError as error:
         fail(str(error))
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 16):
-            fail(f"--{name} must be a positive multiple of 16, got {value}")
-    if args.steps is not None and args.steps < 1:
-        fail(f"--steps must be at least 1, got {args.steps}")
+    try:
+        check_call_values(args.steps, args.height, args.width)
+    except ValueError as error:
+        fail(f"--{error}")
     lora = parse_lora(args.lora)
     if lora and not Path(lora[0]).expanduser().is_file():
         fail(f"--lora: no file at {lora[0]}")
     if not writable_folder(args.out):
         fail(f"--out {args.out}: the folder cannot be written; choose another with --out")
     return config, lora
+
+
+def warn_about_unknown_words(pipe, prompt: str):
+    """The embedded model knows only its grammar's words: say which prompt words it will ignore (it still draws)."""
+    from h2cache import embedded
+
+    if not embedded.is_embedded(pipe):
+        return
+    unknown = embedded.unknown_words(pipe, prompt)
+    if unknown:
+        print(
+            f"run.py: warning: the embedded model never saw {', '.join(map(repr, unknown))} and ignores "
+            f"{'it' if len(unknown) == 1 else 'them'}; the words it knows: {' '.join(embedded.vocabulary_of(pipe))}",
+            file=sys.stderr,
+        )
 
 
 def output_stem(prompt: str, method: str, seed: int) -> str:
@@ -198,6 +222,7 @@ def main(argv=None, facts=None) -> int:
 
     pipe = load_planned(plan, seed=0)
     pipe.set_progress_bar_config(disable=False)
+    warn_about_unknown_words(pipe, args.prompt)
     if lora:
         try:
             load_lora(pipe, *lora)

@@ -30,6 +30,13 @@ THRESHOLD_NAMES = {
     "fbcache": ("threshold",),
     "teacache": ("threshold",),
 }
+DEFAULT_GRIDS = {
+    "tau1": "0.05,0.1,0.15,0.2,0.3",
+    "tau2": "0.1,0.15,0.22,0.3,0.4",
+    "threshold": "0.05,0.08,0.12,0.2,0.3",
+}
+DEFAULT_TARGET_PSNR = 30.0
+DEFAULT_SEED = 1000
 
 
 @dataclass
@@ -51,6 +58,17 @@ def generate_all(pipe, prompts, seed: int, call: dict) -> tuple[list[np.ndarray]
         images.append(np.array(image))
         traces.append(h2cache.stats(pipe))
     return images, traces
+
+
+def parse_grid(method: str, values: dict[str, str]) -> dict[str, list[float]]:
+    """The grid of ``method``'s thresholds from comma-separated text per name; ``ValueError`` names a bad entry."""
+    grid = {}
+    for name in THRESHOLD_NAMES[method]:
+        try:
+            grid[name] = [float(v) for v in values[name].split(",")]
+        except ValueError:
+            raise ValueError(f"{name}: expected comma-separated numbers, got {values[name]!r}") from None
+    return grid
 
 
 def calibrate(pipe, prompts, method: str, grid: dict, target_psnr: float, seed: int = 0, call: dict | None = None):
@@ -96,12 +114,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default="grammar:20", help="as eval.runner's --prompts")
     parser.add_argument("--limit", type=int, help="first N prompts only")
     parser.add_argument("--method", default="h2", choices=sorted(THRESHOLD_NAMES))
-    parser.add_argument("--tau1", default="0.05,0.1,0.15,0.2,0.3", help="comma-separated grid (h2*, dbfcache)")
-    parser.add_argument("--tau2", default="0.1,0.15,0.22,0.3,0.4", help="comma-separated grid (h2*, dbfcache)")
-    parser.add_argument("--threshold", default="0.05,0.08,0.12,0.2,0.3", help="grid for fbcache / teacache")
-    parser.add_argument("--target-psnr", type=float, default=30.0, help="mean PSNR to keep, dB")
+    parser.add_argument("--tau1", default=DEFAULT_GRIDS["tau1"], help="comma-separated grid (h2*, dbfcache)")
+    parser.add_argument("--tau2", default=DEFAULT_GRIDS["tau2"], help="comma-separated grid (h2*, dbfcache)")
+    parser.add_argument("--threshold", default=DEFAULT_GRIDS["threshold"], help="grid for fbcache / teacache")
+    parser.add_argument("--target-psnr", type=float, default=DEFAULT_TARGET_PSNR, help="mean PSNR to keep, dB")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=1000, help="seed of every prompt")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every prompt")
     parser.add_argument("--out", type=Path, required=True, help="folder for calibration.{json,md}, distances.png")
     args = parser.parse_args(argv)
 
@@ -112,7 +130,7 @@ def main(argv=None) -> int:
     from h2cache.models import SetupError, load_planned, plan_model
 
     try:
-        grid = {name: [float(v) for v in getattr(args, name).split(",")] for name in THRESHOLD_NAMES[args.method]}
+        grid = parse_grid(args.method, vars(args))
         prompts = [p for _, p in load_prompts(args.prompts, args.limit)]
         pipe = load_planned(plan_model(args.model))
     except (ValueError, SetupError) as error:

@@ -1,4 +1,7 @@
-"""Check which attributes of a grammar caption a picture shows, by pixel statistics only (no learned model).
+"""Check whether a picture shows the attributes its grammar caption names, by pixel statistics only (no learned model).
+
+A caption may name any subset of the attributes ("a red circle"); only the named ones are judged, since the model
+is free to draw the others at random.
 
 The grammar (``h2cache/embedded/grammar.py``) draws one flat-coloured shape on a plain background, so a picture
 can be read back directly:
@@ -88,10 +91,9 @@ def read_attributes(image: Image.Image) -> dict[str, str | None]:
 
 
 def check(image: Image.Image, prompt: str) -> dict[str, bool]:
-    """For every attribute the prompt asks for, whether ``image`` shows it."""
-    asked = parse_caption(prompt)
+    """For every attribute the prompt names, whether ``image`` shows it."""
     seen = read_attributes(image)
-    return {attribute: seen[attribute] == getattr(asked, attribute) for attribute in ATTRIBUTES}
+    return {attribute: seen[attribute] == value for attribute, value in parse_caption(prompt).named().items()}
 
 
 def main(argv: list[str]) -> int:
@@ -103,9 +105,13 @@ def main(argv: list[str]) -> int:
     asked = parse_caption(prompt)
     seen = read_attributes(image)
     verdict = check(image, prompt)
-    for attribute, ok in verdict.items():
-        verdict_word = "ok" if ok else "WRONG"
-        print(f"{attribute:<10} asked {getattr(asked, attribute):<8} seen {seen[attribute] or '-':<8} {verdict_word}")
+    for attribute in ATTRIBUTES:
+        if attribute in verdict:
+            verdict_word = "ok" if verdict[attribute] else "WRONG"
+            asked_word = getattr(asked, attribute)
+        else:
+            verdict_word, asked_word = "(not named)", "-"
+        print(f"{attribute:<10} asked {asked_word:<8} seen {seen[attribute] or '-':<8} {verdict_word}")
     return 0 if all(verdict.values()) else 1
 
 

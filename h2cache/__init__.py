@@ -3,7 +3,7 @@
 import h2cache
 pipe = h2cache.load_pipeline("tiny")                 # or your own FluxPipeline (diffusers or nunchaku)
 h2cache.apply(pipe, "h2", tau1=0.15, tau2=0.22)      # one call; applying again replaces, never stacks
-image = pipe("a red circle on a blue background").images[0]
+image = pipe("a red circle at the top").images[0]    # a plain call: the model's own defaults
 print(h2cache.summary(pipe)); h2cache.remove(pipe)   # per-step trace: h2cache.stats(pipe)
 """
 

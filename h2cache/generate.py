@@ -10,6 +10,15 @@ import torch
 FLUX_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 3.5}
 
 
+def check_call_values(steps=None, height=None, width=None) -> None:
+    """Refuse a step count or size the pipeline cannot use (None means the model's default), naming the value."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 16):
+            raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+
+
 def call_arguments(pipe, steps=None, guidance=None, height=None, width=None) -> dict:
     """The keyword arguments of a call: the model's defaults, overridden by whatever is not None."""
     call = dict(FLUX_CALL_DEFAULTS, **getattr(pipe, "h2cache_call_defaults", {}))

@@ -21,7 +21,7 @@ def with_transformer(pipe, transformer):
     from h2cache.embedded.builder import finish_pipeline
 
     other = FluxPipeline(**dict(pipe.components, transformer=transformer))
-    return finish_pipeline(other, pipe.default_sample_size * pipe.vae_scale_factor)
+    return finish_pipeline(other, pipe.default_sample_size * pipe.vae_scale_factor, pipe.h2cache_call_defaults)
 
 
 def traced_run(pipe, run, method="h2", **params):

@@ -1,11 +1,13 @@
 """The shipped trained embedded model, its grammar and the pixel-statistics checker.
 
-These load ``h2cache/embedded/tiny-flux`` (the trained model is part of the repository) and sample at its
-default settings; each picture takes a fraction of a second on CPU.
+These load ``h2cache/embedded/tiny-flux`` (the trained model is part of the repository) and sample it the way a
+newcomer would: plain ``pipe(prompt)`` calls at the model's own defaults, full and partial captions.
 """
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import h2cache
 from eval.checker import check, read_attributes
 from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, load_folder
 from h2cache.embedded.grammar import (
@@ -27,12 +30,21 @@ from h2cache.embedded.grammar import (
     SIZES,
     VOCABULARY,
     Scene,
+    all_descriptions,
     all_scenes,
     parse_caption,
     render,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Issue 9 replaces the shipped 4 + 8-block model, trained on full captions only, by a 19 + 38-block one trained on
+# captions naming any subset. Until its weights land, the tests of what only the new model can do must fail (strict).
+SHIPPED_IS_FLUX1_SHAPED = json.loads((SHIPPED_FOLDER / "transformer" / "config.json").read_text())["num_layers"] == 19
+needs_the_retrained_model = pytest.mark.xfail(
+    not SHIPPED_IS_FLUX1_SHAPED,
+    strict=True,
+    reason="issue 9: the shipped weights are still the 4 + 8-block model, trained on full captions only",
+)
 VALUES = {
     "size": SIZES,
     "colour": tuple(SHAPE_COLOURS),
@@ -49,6 +61,15 @@ SAMPLE_SCENES = [
     Scene("large", "purple", "square", "center", "white"),
     Scene("small", "yellow", "triangle", "center", "gray"),
 ]
+# Captions as people write them: some attributes, or none, named.
+PARTIAL_SCENES = [
+    Scene(colour="red", shape="circle"),
+    Scene(colour="blue", shape="square", position="top"),
+    Scene(colour="green", shape="triangle"),
+    Scene(size="large", position="right", background="black"),
+    Scene(shape="triangle", background="white"),
+    Scene(),
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +78,18 @@ def pipe():
 
 
 def draw(pipe, prompt, seed, **overrides):
-    options = {**pipe.h2cache_call_defaults, **overrides}
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **options).images[0]
+    """A plain call, as any diffusers pipeline is called: the model's own defaults fill in the rest."""
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **overrides).images[0]
+
+
+def failures_of(pipe, scenes, first_seed):
+    failures = {}
+    for seed, scene in enumerate(scenes, start=first_seed):
+        verdict = check(draw(pipe, scene.caption(), seed), scene.caption())
+        wrong = [attribute for attribute, ok in verdict.items() if not ok]
+        if wrong:
+            failures[scene.caption()] = wrong
+    return failures
 
 
 def test_shipped_folder_is_a_small_flux_pipeline():
@@ -74,7 +105,7 @@ def test_shipped_folder_loads_and_generates_offline(tmp_path):
         "from h2cache.embedded import SHIPPED_FOLDER, load_folder\n"
         "pipe = load_folder(SHIPPED_FOLDER)\n"
         "generator = torch.Generator().manual_seed(0)\n"
-        "image = pipe(sys.argv[1], generator=generator, **pipe.h2cache_call_defaults).images[0]\n"
+        "image = pipe(sys.argv[1], generator=generator).images[0]\n"
         "image.save(sys.argv[2])\n"
     )
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
@@ -83,10 +114,64 @@ def test_shipped_folder_loads_and_generates_offline(tmp_path):
     assert all(check(Image.open(image_path), prompt).values())
 
 
-def test_architecture_keeps_flux_proportions(pipe):
+def test_readme_python_snippet_draws_what_it_asks(tmp_path):
+    """The README's API snippet, run literally in a fresh offline interpreter, draws its prompt."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    prompt = re.search(r'pipe\("([^"]+)"\)', snippet).group(1)
+    image_path = tmp_path / "snippet.png"
+    script = f"{snippet}\nimage.save({str(image_path)!r})\n"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, check=True, capture_output=True)
+    verdict = check(Image.open(image_path), prompt)
+    assert len(verdict) >= 2 and all(verdict.values()), verdict
+
+
+@needs_the_retrained_model
+def test_plain_calls_of_load_pipeline_draw_partial_captions():
+    pipe = h2cache.load_pipeline("tiny")
+    assert not failures_of(pipe, PARTIAL_SCENES, first_seed=300)
+
+
+def test_plain_call_uses_the_model_defaults_and_explicit_arguments_win(pipe):
+    """FluxPipeline's own default is 512 T5 tokens, which this model never saw; an explicit argument still wins."""
+    prompt, steps = PARTIAL_SCENES[0].caption(), {"num_inference_steps": 2}
+    plain = draw(pipe, prompt, 3, **steps)
+    explicit = draw(pipe, prompt, 3, max_sequence_length=16, **steps)
+    assert np.asarray(plain).tobytes() == np.asarray(explicit).tobytes()
+    padded = draw(pipe, prompt, 3, max_sequence_length=512, **steps)
+    assert np.asarray(plain).tobytes() != np.asarray(padded).tobytes()
+
+
+@needs_the_retrained_model
+def test_from_pretrained_draws_with_the_arguments_the_readme_names():
+    from diffusers import FluxPipeline
+
+    readme = (ROOT / "README.md").read_text()
+    named = re.search(r"FluxPipeline\.from_pretrained\(.*?\)\((.*?)\)", readme).group(1)
+    arguments = dict(re.findall(r"(\w+)=(\d+)", named))
+    assert set(arguments) >= {"max_sequence_length", "height", "width"}
+    pipe = FluxPipeline.from_pretrained(SHIPPED_FOLDER, local_files_only=True)
+    scene = SAMPLE_SCENES[4]
+    generator = torch.Generator().manual_seed(11)
+    image = pipe(scene.caption(), generator=generator, **{k: int(v) for k, v in arguments.items()}).images[0]
+    assert all(check(image, scene.caption()).values())
+
+
+def test_library_never_imports_the_evaluation_tools():
+    for path in (ROOT / "h2cache").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(name == "eval" or name.startswith("eval.") for name in names), path
+
+
+@needs_the_retrained_model
+def test_architecture_has_flux1_block_counts(pipe):
     config = pipe.transformer.config
     assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
-    assert config.num_single_layers == 2 * config.num_layers
+    assert (config.num_layers, config.num_single_layers) == (19, 38)
     assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 16
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
@@ -106,13 +191,7 @@ def test_generation_is_deterministic(pipe):
 
 
 def test_samples_show_what_the_prompt_asks(pipe):
-    failures = {}
-    for seed, scene in enumerate(SAMPLE_SCENES, start=100):
-        verdict = check(draw(pipe, scene.caption(), seed), scene.caption())
-        wrong = [attribute for attribute, ok in verdict.items() if not ok]
-        if wrong:
-            failures[scene.caption()] = wrong
-    assert not failures
+    assert not failures_of(pipe, SAMPLE_SCENES, first_seed=100)
 
 
 def test_checker_accepts_every_ground_truth_render():
@@ -133,6 +212,13 @@ def test_checker_rejects_exactly_the_wrong_attribute(attribute):
             assert verdict == {name: name != attribute for name in ATTRIBUTES}
 
 
+def test_checker_judges_only_the_named_attributes():
+    picture = render(SAMPLE_SCENES[0])  # a small red circle on the left against a white background
+    assert check(picture, "a red circle") == {"colour": True, "shape": True}
+    assert check(picture, "a blue shape at the top") == {"colour": False, "position": False}
+    assert check(picture, "a shape") == {}
+
+
 def test_checker_finds_no_shape_in_a_blank_picture():
     blank = Image.new("RGB", (64, 64), BACKGROUND_COLOURS["gray"])
     verdict = check(blank, SAMPLE_SCENES[2].caption())
@@ -150,18 +236,23 @@ def test_checker_cli(tmp_path):
 
 
 def test_captions_parse_back_and_reject_other_text():
-    for scene in all_scenes():
+    descriptions = all_descriptions()
+    assert len({scene.caption() for scene in descriptions}) == len(descriptions) == 3 * 6 * 4 * 6 * 4
+    for scene in descriptions:
         assert parse_caption(scene.caption()) == scene
-    with pytest.raises(ValueError):
-        parse_caption("a small red circle on a blue background")
+    assert parse_caption("A  Red circle") == Scene(colour="red", shape="circle")
+    for text in ("a small red circle on a blue background", "a circle red", "a red"):
+        with pytest.raises(ValueError):
+            parse_caption(text)
 
 
+@needs_the_retrained_model
 def test_tokenizers_know_every_grammar_word(pipe):
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
         ids = [tokenizer.convert_tokens_to_ids(word) for word in VOCABULARY]
         assert tokenizer.unk_token_id not in ids
         assert len(set(ids)) == len(VOCABULARY)
-        for scene in all_scenes():
+        for scene in all_descriptions():
             assert tokenizer.unk_token_id not in tokenizer(scene.caption()).input_ids
-    longest_caption = max(len(scene.caption().split()) for scene in all_scenes())
+    longest_caption = max(len(scene.caption().split()) for scene in all_descriptions())
     assert longest_caption <= pipe.h2cache_call_defaults["max_sequence_length"]

@@ -256,3 +256,16 @@ def test_h2_forecast_runs_from_the_command_line(tmp_path):
         (tmp_path / "a-small-red-circle-on-the-left-against-a-white-b-h2-forecast-seed0.json").read_text()
     )
     assert record["method"] == "h2-forecast" and record["params"]["distance"] == "forecast"
+
+
+def test_prompt_words_the_embedded_model_never_saw_are_named_and_it_still_draws(tmp_path):
+    out = tmp_path / "out"
+    prompt = "a red zebra near the park"
+    result = run_cli("--model", "random", "--steps", "2", "--prompt", prompt, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "never saw" in line)
+    assert "'zebra'" in warning and "'park'" in warning and "'red'" not in warning
+    assert "circle" in warning.split("the words it knows:")[1]
+    assert (out / "a-red-zebra-near-the-park-h2-seed0.png").is_file()
+    known = run_cli("--model", "random", "--steps", "2", "--prompt", "a red circle", "--out", str(out))
+    assert known.returncode == 0 and "never saw" not in known.stderr

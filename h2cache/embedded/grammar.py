@@ -3,16 +3,18 @@
 The embedded model is trained on these pictures, and ``eval/checker.py`` verifies generated pictures against the
 same definitions, so everything a caption can say is defined here once.
 
-Grammar (every caption has exactly this form, 450 distinct captions)::
+Grammar (every attribute is optional; 1,728 distinct captions, 450 of them naming all five attributes)::
 
-    caption    := "a" SIZE COLOUR SHAPE POSITION "against a" BACKGROUND "background"
+    caption    := "a" [SIZE] [COLOUR] (SHAPE | "shape") [POSITION] ["against a" BACKGROUND "background"]
     SIZE       := "small" | "large"                       shape extent 16 or 26 px at 64 px (scaled with the image)
     COLOUR     := "red" | "green" | "blue" | "yellow" | "purple"
     SHAPE      := "circle" | "square" | "triangle"        the triangle points up
     POSITION   := "on the left" | "on the right" | "at the top" | "at the bottom" | "in the center"
     BACKGROUND := "white" | "black" | "gray"
 
-e.g. "a small red circle on the left against a white background".
+e.g. "a small red circle on the left against a white background", "a red circle", "a square at the top", "a shape".
+An attribute the caption leaves out is drawn at random: the model learns the whole conditional distribution, as
+people write prompts (training names each attribute with probability ``1 - ATTRIBUTE_DROPOUT``).
 
 Why this design:
 
@@ -34,6 +36,8 @@ Everything comes from a seed; nothing is downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import product
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,6 +80,10 @@ EXTENT_JITTER = 2 / 64
 SUPERSAMPLING = 4
 
 ATTRIBUTES = ("size", "colour", "shape", "position", "background")
+# Probability that a training caption leaves an attribute out (each independently): about 17% of the captions still
+# name all five, and every subset is seen.
+ATTRIBUTE_DROPOUT = 0.3
+UNNAMED_SHAPE_WORD = "shape"
 
 
 def _words(*phrases) -> list[str]:
@@ -89,59 +97,97 @@ def _words(*phrases) -> list[str]:
 
 # Every word a caption can contain, in a fixed order (the tokenizer's ids follow it).
 VOCABULARY = tuple(
-    _words("a against background", *SIZES, *SHAPE_COLOURS, *SHAPES, *POSITION_PHRASES.values(), *BACKGROUND_COLOURS)
+    _words(
+        "a against background",
+        UNNAMED_SHAPE_WORD,
+        *SIZES,
+        *SHAPE_COLOURS,
+        *SHAPES,
+        *POSITION_PHRASES.values(),
+        *BACKGROUND_COLOURS,
+    )
 )
 
 
 @dataclass(frozen=True)
 class Scene:
-    """What a caption asks for: one value of every attribute."""
+    """What a caption asks for: a value per attribute, or None where the caption leaves the attribute out."""
 
-    size: str
-    colour: str
-    shape: str
-    position: str
-    background: str
+    size: str | None = None
+    colour: str | None = None
+    shape: str | None = None
+    position: str | None = None
+    background: str | None = None
 
     def caption(self) -> str:
-        return (
-            f"a {self.size} {self.colour} {self.shape} {POSITION_PHRASES[self.position]} "
-            f"against a {self.background} background"
-        )
+        words = ["a", self.size, self.colour, self.shape or UNNAMED_SHAPE_WORD]
+        if self.position:
+            words.append(POSITION_PHRASES[self.position])
+        if self.background:
+            words.append(f"against a {self.background} background")
+        return " ".join(word for word in words if word)
+
+    def named(self) -> dict[str, str]:
+        """The attributes the caption names, with their values."""
+        return {attribute: getattr(self, attribute) for attribute in ATTRIBUTES if getattr(self, attribute)}
+
+    def is_complete(self) -> bool:
+        return len(self.named()) == len(ATTRIBUTES)
+
+
+_VALUES = {
+    "size": SIZES,
+    "colour": tuple(SHAPE_COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITION_PHRASES),
+    "background": tuple(BACKGROUND_COLOURS),
+}
 
 
 def all_scenes() -> list[Scene]:
-    """Every scene the grammar can describe, in a fixed order."""
-    return [
-        Scene(size, colour, shape, position, background)
-        for size in SIZES
-        for colour in SHAPE_COLOURS
-        for shape in SHAPES
-        for position in POSITION_PHRASES
-        for background in BACKGROUND_COLOURS
-    ]
+    """Every complete scene (all five attributes named), in a fixed order: what ``render`` can draw."""
+    return [Scene(*values) for values in product(*(_VALUES[attribute] for attribute in ATTRIBUTES))]
+
+
+def all_descriptions() -> list[Scene]:
+    """Every scene a caption can describe, partial ones included, in a fixed order."""
+    return [Scene(*values) for values in product(*((None, *_VALUES[attribute]) for attribute in ATTRIBUTES))]
+
+
+@lru_cache(maxsize=1)
+def _descriptions_by_caption() -> dict[str, Scene]:
+    return {scene.caption(): scene for scene in all_descriptions()}
 
 
 def parse_caption(caption: str) -> Scene:
     """The scene a grammar caption describes; ``ValueError`` for text outside the grammar."""
-    for scene in all_scenes():
-        if scene.caption() == " ".join(caption.lower().split()):
-            return scene
-    raise ValueError(f"not a caption of the embedded grammar: {caption!r}")
+    try:
+        return _descriptions_by_caption()[" ".join(caption.lower().split())]
+    except KeyError:
+        raise ValueError(f"not a caption of the embedded grammar: {caption!r}") from None
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` the embedded model never saw in training, in order of first appearance."""
+    known = set(VOCABULARY)
+    return list(dict.fromkeys(word for word in prompt.lower().split() if word not in known))
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    return Scene(
-        size=SIZES[rng.integers(len(SIZES))],
-        colour=tuple(SHAPE_COLOURS)[rng.integers(len(SHAPE_COLOURS))],
-        shape=SHAPES[rng.integers(len(SHAPES))],
-        position=tuple(POSITION_PHRASES)[rng.integers(len(POSITION_PHRASES))],
-        background=tuple(BACKGROUND_COLOURS)[rng.integers(len(BACKGROUND_COLOURS))],
-    )
+    """A complete scene with every attribute drawn uniformly."""
+    return Scene(*(values[rng.integers(len(values))] for values in (_VALUES[a] for a in ATTRIBUTES)))
+
+
+def random_description(scene: Scene, rng: np.random.Generator, dropout: float = ATTRIBUTE_DROPOUT) -> Scene:
+    """``scene`` with each attribute left out independently with probability ``dropout``."""
+    leave_out = rng.random(len(ATTRIBUTES)) < dropout
+    return Scene(*(None if drop else getattr(scene, a) for a, drop in zip(ATTRIBUTES, leave_out, strict=True)))
 
 
 def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB picture; ``rng`` adds the jitter (None draws it exactly)."""
+    if not scene.is_complete():
+        raise ValueError(f"render needs a complete scene, got {scene}")
     centre_x, centre_y = POSITION_CENTRES[scene.position]
     extent = SIZE_EXTENTS[scene.size]
     if rng is not None:
@@ -163,7 +209,8 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     return image.resize((size, size), Image.Resampling.BOX)
 
 
-def sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, str]:
-    """One training pair (picture, caption) drawn from ``rng``."""
+def sample(rng: np.random.Generator, size: int = 64, dropout: float = 0.0) -> tuple[Image.Image, str]:
+    """One training pair drawn from ``rng``: the picture of a complete scene and a caption that names each of its
+    attributes with probability ``1 - dropout``."""
     scene = random_scene(rng)
-    return render(scene, size, rng), scene.caption()
+    return render(scene, size, rng), random_description(scene, rng, dropout).caption()
