@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ORDER,
         help="TaylorSeer / HiCache / H2-Forecast: forecast order",
-        shown="the method's: taylorseer 1, hicache 2, h2-forecast 1",
+        shown="the method's: taylorseer 1, hicache 2, h2-forecast 2",
     )
     arg(
         "--max-run",
