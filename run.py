@@ -23,7 +23,7 @@ from h2cache.models import parse_lora
 PROMPT = "a small red circle on the left against a white background"  # a caption the embedded model knows
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
-NUNCHAKU_CLASS = "v2"  # v2 (per-block modules) or v1 (fused C++ model; has the LoRA API)
+NUNCHAKU_CLASS = "auto"  # auto (v2; v1 on Turing) | v2 (per-block modules) | v1 (fused C++ model; has the LoRA API)
 METHOD = "h2"  # none | h2 | h2-forecast | dbfcache | fbcache (Block Cache) | teacache | taylorseer | hicache
 THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
 INTERVAL = ORDER = None  # taylorseer / hicache interval, and their / h2-forecast's order (None: the method's)
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg("--out", default=OUT, type=Path, help="output folder")
     arg("--plot", action="store_true", help="also write a PNG of the probe distances against the thresholds")
+    arg(
+        "--baseline",
+        action="store_true",
+        help="also time the native, unpatched pipeline (nunchaku's fused forward on V1) and h2cache's `none`, after "
+        "one warm-up call, and report the speedup against the native time",
+    )
     return parser
 
 
@@ -140,7 +146,7 @@ def add_model_arguments(parser) -> None:
         help="nunchaku transformer: safetensors file or org/repo/file",
         shown="FLUX.1-dev at this GPU's precision",
     )
-    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["v1", "v2"], help="nunchaku transformer class")
+    arg("--nunchaku-class", default=NUNCHAKU_CLASS, choices=["auto", "v1", "v2"], help="nunchaku transformer class")
 
 
 def fail(message: str) -> None:
@@ -228,9 +234,17 @@ def main(argv=None, facts=None) -> int:
             load_lora(pipe, *lora)
         except SetupError as error:
             fail(str(error))
-    h2cache.apply(pipe, config)
     call = call_arguments(pipe, args.steps, args.guidance, args.height, args.width)
+    baselines = {}
+    if args.baseline:
+        timed_call(pipe, args.prompt, args.seed, dict(call, num_inference_steps=2))  # warm-up: kernels, allocator
+        baselines["native_time_s"] = timed_call(pipe, args.prompt, args.seed, call)[1]
+        h2cache.apply(pipe, "none")
+        baselines["none_time_s"] = timed_call(pipe, args.prompt, args.seed, call)[1]
+    h2cache.apply(pipe, config)
     image, seconds = timed_call(pipe, args.prompt, args.seed, call)
+    if baselines:
+        baselines["speedup_time"] = baselines["native_time_s"] / seconds
 
     trace = h2cache.stats(pipe)
     totals = h2cache.summary(pipe)
@@ -252,6 +266,7 @@ def main(argv=None, facts=None) -> int:
         "width": image.width,
         "lora": {"path": lora[0], "scale": lora[1]} if lora else None,
         "time_s": seconds,
+        **baselines,
         **{key: totals[key] for key in ("double_blocks_run", "single_blocks_run", "blocks_run", "blocks_total")},
         "double_blocks_total": sum(r["double_blocks_total"] for r in trace),
         "single_blocks_total": sum(r["single_blocks_total"] for r in trace),
@@ -274,6 +289,12 @@ def main(argv=None, facts=None) -> int:
         f"{totals['blocks_run']}/{totals['blocks_total']} blocks ({totals['speedup_blocks']:.2f}x fewer), "
         f"{seconds:.2f} s -> {stem.with_suffix('.png')}"
     )
+    if baselines:
+        print(
+            f"run.py: native pipeline {baselines['native_time_s']:.2f} s, "
+            f"h2cache none {baselines['none_time_s']:.2f} s, {config.method} {seconds:.2f} s: "
+            f"{baselines['speedup_time']:.2f}x faster than native"
+        )
     return 0
 
 

@@ -2,6 +2,8 @@
 # Reproduce the H2-Cache paper's table: CUTE80, 100 steps, 1024x1024, guidance 3.5, seed 0, 4-bit FLUX.1-dev
 # (nunchaku V1) with the Realism LoRA at 0.8; baseline, Block Cache (0.12), TeaCache (0.8) and H2-Cache
 # (0.15 / 0.22); time and CLIP-IQA, plus PSNR/SSIM/LPIPS against the baseline. Resumable: rerun to continue.
+# The baseline is the native, unpatched pipeline (nunchaku's fused forward); "h2cache none" (h2cache's own block
+# loop, caching nothing) runs beside it, so the cost of owning the forward is visible in the table.
 #
 #   bash run_exper.sh                      the paper's table (GPU; several GPUs are used through accelerate)
 #   bash run_exper.sh --quick              the whole chain on the embedded CPU model, a few prompts and steps
@@ -29,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --processes) processes="$2"; shift ;;
     --limit) limit="$2"; shift ;;
     --lora) lora="$2"; lora_given=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "run_exper.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -37,6 +39,7 @@ done
 
 methods=(
   "baseline"
+  "none:label=h2cache none"
   "fbcache:threshold=0.12,label=Block Cache"
   "teacache:threshold=0.8,label=TeaCache"
   "h2:tau1=0.15,tau2=0.22,label=H2-Cache"

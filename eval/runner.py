@@ -10,6 +10,9 @@ written atomically), ``records.jsonl`` (all of them), ``table.{md,csv,json}``, `
 - Resumable: an image whose record exists is never generated again; a killed run leaves no partial file.
 - Timing: one untimed warm-up call per configuration and process, then ``time_s`` around each call
   (CUDA-synchronised); model loading and scoring are never timed.
+- The baseline is the native, unpatched pipeline (nunchaku's fused forward on V1, diffusers' own forward), so
+  speedups are against what a user runs without h2cache; ``none`` (h2cache's block loop, caching nothing) is an
+  ordinary row beside it and shows what owning the forward costs.
 - Sharding: under ``accelerate launch --multi_gpu --num_processes N`` (on CPUs too: it is accelerate's
   torchrun-based launcher, while ``--cpu`` starts a single process unless MPI is set up) or ``torchrun``, prompt i
   goes to process i % N, one GPU each; the main process scores and tabulates once every process is done. Same
@@ -29,6 +32,7 @@ from pathlib import Path
 from eval.weights import EXIT_MISSING_WEIGHTS, MissingWeightsError, add_weights_arguments
 
 BASELINE_LABEL = "baseline"
+NATIVE = "native"  # the method of the baseline: no h2cache at all
 
 
 @dataclass
@@ -46,11 +50,13 @@ class RunConfig:
 
 
 def parse_config(text: str) -> RunConfig:
-    """``"baseline"``, ``"none"`` or ``"method:key=value,...[,label=Name]"``; values are parsed as JSON where they can
-    be."""
+    """``"baseline"`` (the unpatched pipeline), ``"none"`` (h2cache's loop, caching nothing) or
+    ``"method:key=value,...[,label=Name]"``; values are parsed as JSON where they can be."""
     text = text.strip()
-    if text in (BASELINE_LABEL, "none"):
-        return RunConfig(BASELINE_LABEL, "none")
+    if text in (BASELINE_LABEL, NATIVE):
+        return RunConfig(BASELINE_LABEL, NATIVE)
+    if text == "none":
+        return RunConfig("h2cache none", "none")
     method, _, rest = text.partition(":")
     params, label = {}, None
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -110,14 +116,10 @@ class Experiment:
 
     def generate(self, process_index: int = 0, num_processes: int = 1, local_index: int = 0) -> int:
         """Generate this process's share of missing images; returns how many it generated."""
-        import h2cache
-        from h2cache.generate import call_arguments, timed_call
-        from h2cache.io import save_image, write_json
         from h2cache.models import load_lora, load_planned, parse_lora, plan_model
 
         shard = self.prompts[process_index::num_processes]
-        pending = {c.label: [p for p in shard if not self.record_path(c, p[0]).is_file()] for c in self.configs}
-        if not any(pending.values()):
+        if not any(self.pending(shard).values()):
             return 0
         plan = plan_model(self.args.model, self.args.transformer, self.args.nunchaku_class)
         if plan.device == "cuda":
@@ -125,16 +127,35 @@ class Experiment:
         pipe = load_planned(plan)
         if self.args.lora:
             load_lora(pipe, *parse_lora(self.args.lora))
+        return self.generate_with(pipe, plan.model, shard)
+
+    def pending(self, shard) -> dict[str, list[tuple[str, str]]]:
+        return {c.label: [p for p in shard if not self.record_path(c, p[0]).is_file()] for c in self.configs}
+
+    def generate_with(self, pipe, model_name: str, shard) -> int:
+        """Generate the missing images of ``shard`` with a loaded pipeline; returns how many it generated."""
+        import h2cache
+        from h2cache.backends import detect_backend
+        from h2cache.generate import call_arguments, timed_call
+        from h2cache.io import save_image, write_json
+
+        pending = self.pending(shard)
         call = call_arguments(pipe, self.args.steps, self.args.guidance, self.args.height, self.args.width)
+        backend = detect_backend(pipe.transformer)
+        native_blocks = call["num_inference_steps"] * (backend.num_double + backend.num_single)
         generated = 0
         for config in self.configs:
             if not pending[config.label]:
                 continue
-            h2cache.apply(pipe, config.method, **config.params)
+            if config.method != NATIVE:
+                h2cache.apply(pipe, config.method, **config.params)
             timed_call(pipe, pending[config.label][0][1], self.args.seed, dict(call, num_inference_steps=2))
             for prompt_id, prompt in pending[config.label]:
                 image, seconds = timed_call(pipe, prompt, self.args.seed, call)
-                totals = h2cache.summary(pipe)
+                if config.method == NATIVE:
+                    totals, trace = {"blocks_run": native_blocks, "blocks_total": native_blocks}, []
+                else:
+                    totals, trace = h2cache.summary(pipe), h2cache.stats(pipe)
                 save_image(self.image_path(config, prompt_id), image)
                 write_json(
                     self.record_path(config, prompt_id),
@@ -145,7 +166,7 @@ class Experiment:
                         "prompt_id": prompt_id,
                         "prompt": prompt,
                         "seed": self.args.seed,
-                        "model": plan.model,
+                        "model": model_name,
                         "steps": call["num_inference_steps"],
                         "guidance": call["guidance_scale"],
                         "height": image.height,
@@ -154,7 +175,7 @@ class Experiment:
                         "blocks_run": totals["blocks_run"],
                         "blocks_total": totals["blocks_total"],
                         "image": str(self.image_path(config, prompt_id).relative_to(self.out)),
-                        "trace": h2cache.stats(pipe),
+                        "trace": trace,
                     },
                 )
                 generated += 1
@@ -175,7 +196,7 @@ class Experiment:
         from eval.tables import dumps_record
         from h2cache.io import write_text
 
-        baseline = next((c for c in self.configs if c.method == "none"), None)
+        baseline = next((c for c in self.configs if c.method == NATIVE), None)
         for config in self.configs:
             for prompt_id, _ in self.prompts:
                 path = self.record_path(config, prompt_id)
@@ -217,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         dest="configs",
-        help='"baseline" or "method:key=value,...[,label=Name]"; repeat for each configuration',
+        help='"baseline" (the unpatched pipeline), "none" (h2cache\'s loop alone) or '
+        '"method:key=value,...[,label=Name]"; repeat for each configuration',
     )
     parser.add_argument("--out", required=True, type=Path, help="results folder (resumed if it exists)")
     parser.add_argument("--limit", type=int, help="use only the first N prompts")
@@ -226,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nunchaku-class",
         default="v1",
-        choices=["v1", "v2"],
-        help="nunchaku class (v1: the paper's, and the one with the LoRA API)",
+        choices=["auto", "v1", "v2"],
+        help="nunchaku class (v1: the paper's, and the one with the LoRA API; auto: v2, but v1 on Turing)",
     )
     parser.add_argument("--lora", default=None, metavar="PATH:SCALE", help="a LoRA and its strength")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -248,11 +270,12 @@ def main(argv=None) -> int:
         from h2cache.methods import build_method
 
         for config in configs:
-            build_method(config.method, **config.params)
+            if config.method != NATIVE:
+                build_method(config.method, **config.params)
     except ValueError as error:
         print(f"eval.runner: error: {error}", file=sys.stderr)
         return 2
-    if sum(c.method == "none" for c in configs) != 1 or len({c.folder for c in configs}) != len(configs):
+    if sum(c.method == NATIVE for c in configs) != 1 or len({c.folder for c in configs}) != len(configs):
         print("eval.runner: error: give exactly one baseline config and unique labels", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ print(h2cache.summary(pipe)); h2cache.remove(pipe)   # per-step trace: h2cache.s
 
 from __future__ import annotations
 
-from .backends import detect_backend, foreign_cache, unwrap
+from .backends import UnsupportedCall, detect_backend, foreign_cache, unwrap
 from .config import (
     DBFCacheConfig,
     FBCacheConfig,
@@ -41,11 +41,15 @@ def apply(target, method="h2", **params):
     """
     cache_method = build_method(method, **params)
     transformer = _transformer_of(target)
+    backend = detect_backend(transformer)
+    if getattr(target, "controlnet", None) is not None:
+        message = backend.refusal(None, controlnet=True)
+        if message is not None:
+            raise UnsupportedCall(f"h2cache: this pipeline has a ControlNet; {message}")
     controller = getattr(transformer, "_h2cache_controller", None)
     if controller is not None:
         controller.uninstall()
     else:
-        detect_backend(transformer)
         other = foreign_cache(transformer)
         if other is not None:
             raise RuntimeError(f"{other} is already installed on this transformer: remove it before h2cache.apply")
@@ -103,6 +107,8 @@ def _bind_sessions(pipe) -> None:
         controller = getattr(_transformer_of(self), "_h2cache_controller", None)
         if controller is None:
             return base.__call__(self, *args, **kwargs)
+        # Refuse what the transformer cannot run before the text encoders and the first steps spend time on it.
+        controller.check_call(kwargs.get("joint_attention_kwargs"), controlnet=False)
         with controller.session():
             return base.__call__(self, *args, **kwargs)
 
@@ -121,6 +127,7 @@ __all__ = [
     "NoCacheConfig",
     "TaylorSeerConfig",
     "TeaCacheConfig",
+    "UnsupportedCall",
     "apply",
     "controller_of",
     "load_pipeline",

@@ -6,8 +6,10 @@ the step. State lives here, one method state per CFG branch (the name diffusers 
 ``transformer.cache_context``), created at a generation's first step and dropped at its end.
 
 Installed per instance: ``forward`` (or accelerate's ``_old_forward``) and ``cache_context`` become instance
-attributes; the class is never touched. Calls the owned forward cannot serve exactly (IP-Adapter, PuLID, ControlNet
-on nunchaku V2, training with gradients) go to the original forward, with a warning the first time.
+attributes; the class is never touched. Calls the owned forward cannot serve exactly (IP-Adapter, PuLID's identity
+embeddings on nunchaku V1, training with gradients) go to the original forward, with a warning the first time.
+Calls the original forward cannot serve either (ControlNet or attention kwargs on nunchaku V2) raise
+``UnsupportedCall`` before any block runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 
 import torch
 
-from .backends import detect_backend, unwrap
+from .backends import UnsupportedCall, detect_backend, unwrap
 from .streams import Streams
 from .trace import StepRecord
 
@@ -58,6 +60,19 @@ class BlockRunner:
             self.double_blocks_run += 1
         return streams
 
+    def rest_of_model(self, streams: Streams, start: int) -> Streams:
+        """Double blocks ``start``.. and every single block, back out of the single stage: in one fused call where
+        the backend has one (nunchaku V1: one device synchronisation instead of one per layer) and no ControlNet
+        residual is to be added, else block by block."""
+        if self._controlnet_double is None and self._controlnet_single is None:
+            fused = self._backend.fused_rest(streams, start, self._context)
+            if fused is not None:
+                self.double_blocks_run += self.num_double - start
+                self.single_blocks_run += self.num_single
+                return fused
+        streams = self.double_blocks(streams, start)
+        return self.leave_single(self.single_blocks(self.enter_single(streams), 0))
+
     def enter_single(self, streams: Streams):
         return self._backend.enter_single(streams)
 
@@ -79,14 +94,11 @@ class BlockRunner:
     def modulated_input(self, streams: Streams) -> torch.Tensor:
         return self._backend.modulated_input(streams, self._context)
 
-    @staticmethod
-    def _controlnet_sample(samples, index: int, num_blocks: int, repeat: bool):
-        # Same block-to-sample mapping as diffusers' FluxTransformer2DModel.forward.
+    def _controlnet_sample(self, samples, index: int, num_blocks: int, repeat: bool):
+        # The block-to-sample mapping of the backend's own forward (nunchaku V1 ignores ``repeat``).
         if samples is None:
             return None
-        if repeat:
-            return samples[index % len(samples)]
-        return samples[index // int(math.ceil(num_blocks / len(samples)))]
+        return samples[self._backend.controlnet_sample_index(index, num_blocks, len(samples), repeat)]
 
 
 class CacheController:
@@ -193,9 +205,9 @@ class CacheController:
             controlnet_blocks_repeat=controlnet_blocks_repeat,
             **extra,
         )
-        reason = self._fallback_reason(
-            joint_attention_kwargs, controlnet_block_samples, controlnet_single_block_samples, extra
-        )
+        controlnet = controlnet_block_samples is not None or controlnet_single_block_samples is not None
+        self.check_call(joint_attention_kwargs, controlnet)
+        reason = self._fallback_reason(joint_attention_kwargs, controlnet, extra)
         if reason is not None:
             if reason not in self._warned:
                 self._warned.add(reason)
@@ -214,14 +226,19 @@ class CacheController:
 
         return Transformer2DModelOutput(sample=output)
 
-    def _fallback_reason(self, joint_attention_kwargs, controlnet_double, controlnet_single, extra) -> str | None:
-        if extra:
-            return f"unsupported arguments {sorted(extra)}"
+    def check_call(self, joint_attention_kwargs: dict | None, controlnet: bool) -> None:
+        """Raise ``UnsupportedCall`` for a call the backend cannot run at all (before anything is computed)."""
+        message = self.backend.refusal(_without_lora_scale(joint_attention_kwargs), controlnet)
+        if message is not None:
+            raise UnsupportedCall(f"h2cache: {message}")
+
+    def _fallback_reason(self, joint_attention_kwargs, controlnet: bool, extra) -> str | None:
+        unknown = sorted(set(extra) - set(self.backend.extra_keywords))
+        if unknown:
+            return f"unsupported arguments {unknown}"
         if torch.is_grad_enabled() and self.model.training:
             return "training mode with gradients"
-        controlnet = controlnet_double is not None or controlnet_single is not None
-        jak = {k: v for k, v in (joint_attention_kwargs or {}).items() if k != "scale"}
-        return self.backend.unsupported_reason(jak, controlnet, extra)
+        return self.backend.unsupported_reason(_without_lora_scale(joint_attention_kwargs), controlnet, extra)
 
     def _cached_forward(self, inputs: dict, joint_attention_kwargs, controlnet):
         branch = self._branch
@@ -256,6 +273,10 @@ class CacheController:
         )
         self._steps[branch] += 1
         return output
+
+
+def _without_lora_scale(joint_attention_kwargs: dict | None) -> dict:
+    return {key: value for key, value in (joint_attention_kwargs or {}).items() if key != "scale"}
 
 
 @contextlib.contextmanager

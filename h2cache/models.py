@@ -8,11 +8,14 @@ fix. The choice itself is a pure function of ``Facts``, so it can be tested on a
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import embedded
+from .nunchaku_wheels import ALL_TORCH_VERSIONS, major_minor
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 NUNCHAKU_FLUX_DEV = "nunchaku-tech/nunchaku-flux.1-dev/svdq-{precision}_r32-flux.1-dev.safetensors"
@@ -24,10 +27,11 @@ EMBEDDED_NAMES = {
 # nunchaku's 4-bit kernels exist for these compute capabilities only (no Hopper/B200/V100: no 4-bit tensor cores).
 NUNCHAKU_PRECISION_BY_SM = {75: "int4", 80: "int4", 86: "int4", 89: "int4", 120: "fp4", 121: "fp4"}
 NUNCHAKU_INSTALL_HINT = (
-    "install nunchaku's CUDA wheel matching your torch and Python from "
-    "https://github.com/nunchaku-tech/nunchaku/releases (or huggingface.co/nunchaku-tech/nunchaku), "
-    "e.g. pip install <url of nunchaku-VER+torchX.Y-cpXY-cpXY-linux_x86_64.whl>"
+    "run python scripts/install_nunchaku.py (it picks nunchaku's CUDA wheel for your torch and Python from "
+    "https://github.com/nunchaku-tech/nunchaku/releases)"
 )
+# The oldest nunchaku whose V1/V2 calls h2cache uses (unchanged since 1.0.0; 0.3.x exports no V2 class).
+NUNCHAKU_MIN_VERSION = "1.0.0"
 
 
 class SetupError(RuntimeError):
@@ -42,6 +46,59 @@ class Facts:
     sm: int | None = None  # compute capability as major*10+minor, e.g. 89 for an RTX 4090
     gpu_name: str | None = None
     nunchaku: str = "absent"  # "real", "unrelated" (the PyPI project of the same name) or "absent"
+    nunchaku_version: str | None = None  # e.g. "1.1.0+torch2.9"; None: unknown, not checked
+    torch_version: str | None = None  # e.g. "2.9.1+cu130"; None: unknown, not checked
+    # nunchaku's own requirements the environment does not meet, as (requirement, installed version or "none").
+    unmet_requirements: tuple[tuple[str, str], ...] = ()
+
+
+def nunchaku_mismatch(facts: Facts) -> str | None:
+    """Why the installed real nunchaku cannot run here (too old, built for another torch, unmet requirements),
+    with the fix; None when it can or when the versions are unknown."""
+    from packaging.version import Version
+
+    version = facts.nunchaku_version
+    if facts.nunchaku != "real" or version is None:
+        return None
+    if Version(version).release < Version(NUNCHAKU_MIN_VERSION).release:
+        return (
+            f"nunchaku {version} is too old: h2cache needs nunchaku >= {NUNCHAKU_MIN_VERSION} (0.3.x has no V2 "
+            f"class); {NUNCHAKU_INSTALL_HINT}"
+        )
+    built_for = version.partition("+")[2].rpartition("torch")[2] or None
+    if facts.torch_version is not None and built_for is not None:
+        installed = major_minor(facts.torch_version)
+        if installed != built_for:
+            message = f"nunchaku {version} is built for torch {built_for}, but torch {facts.torch_version} is installed"
+            if installed not in ALL_TORCH_VERSIONS:
+                return (
+                    f"{message}, and nunchaku has no wheel for torch {installed} (only for torch "
+                    f"{', '.join(ALL_TORCH_VERSIONS)}): pip install 'torch=={built_for}.*' 'torchvision' in a "
+                    f"separate environment, then {NUNCHAKU_INSTALL_HINT}"
+                )
+            return f"{message} (the import fails on the ABI mismatch): {NUNCHAKU_INSTALL_HINT}"
+    for requirement, installed in facts.unmet_requirements:
+        return f"nunchaku {version} needs {requirement} (installed: {installed}): pip install '{requirement}'"
+    return None
+
+
+def unmet_nunchaku_requirements() -> list[tuple[str, str]]:
+    """nunchaku's declared runtime requirements (its package metadata) that the environment does not meet."""
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in metadata.requires("nunchaku") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            unmet.append((str(requirement), "none"))
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append((str(requirement), installed))
+    return unmet
 
 
 def nunchaku_status() -> str:
@@ -59,10 +116,29 @@ def nunchaku_status() -> str:
 def detect_facts() -> Facts:
     import torch
 
+    status = nunchaku_status()
+    versions = {"torch_version": torch.__version__}
+    if status == "real":
+        versions.update(
+            nunchaku_version=metadata.version("nunchaku"), unmet_requirements=tuple(unmet_nunchaku_requirements())
+        )
     if not torch.cuda.is_available():
-        return Facts(cuda=False, nunchaku=nunchaku_status())
+        return Facts(cuda=False, nunchaku=status, **versions)
     major, minor = torch.cuda.get_device_capability()
-    return Facts(cuda=True, sm=10 * major + minor, gpu_name=torch.cuda.get_device_name(), nunchaku=nunchaku_status())
+    return Facts(cuda=True, sm=10 * major + minor, gpu_name=torch.cuda.get_device_name(), nunchaku=status, **versions)
+
+
+def checkpoint_float_dtypes(path: str) -> set[str] | None:
+    """The floating-point dtypes (safetensors names: "BF16", "F16", ...) in a local safetensors file, read from its
+    header only; None if the file is not local."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    tensors = (entry for name, entry in header.items() if name != "__metadata__")
+    return {entry["dtype"] for entry in tensors if entry["dtype"].startswith(("F", "BF"))}
 
 
 @dataclass
@@ -74,7 +150,7 @@ class ModelPlan:
     device: str = "cpu"
     dtype: str = "float32"
     transformer: str | None = None  # nunchaku safetensors file or hub path
-    nunchaku_class: str = "v2"
+    nunchaku_class: str = "v2"  # "v1" (NunchakuFluxTransformer2dModel) or "v2" (NunchakuFluxTransformer2DModelV2)
     precision: str | None = None
     notices: list[str] = field(default_factory=list)
 
@@ -82,19 +158,22 @@ class ModelPlan:
 def plan_model(
     model: str = "auto",
     transformer: str | None = None,
-    nunchaku_class: str = "v2",
+    nunchaku_class: str = "auto",
     facts: Facts | None = None,
     check_weights: bool = True,
 ) -> ModelPlan:
-    """Decide what to load. ``model``: "auto", an embedded name, "nunchaku", "diffusers", a local folder or hub id."""
+    """Decide what to load. ``model``: "auto", an embedded name, "nunchaku", "diffusers", a local folder or hub id.
+    ``nunchaku_class``: "auto" (V2, but V1 on Turing unless the checkpoint is fp16), "v1" or "v2"."""
     facts = facts or detect_facts()
-    if nunchaku_class not in ("v1", "v2"):
-        raise SetupError(f"--nunchaku-class must be v1 or v2, got {nunchaku_class!r}")
+    if nunchaku_class not in ("auto", "v1", "v2"):
+        raise SetupError(f"--nunchaku-class must be auto, v1 or v2, got {nunchaku_class!r}")
     wants_nunchaku = model == "nunchaku" or transformer is not None
+    unusable = None
     if model == "auto":
         if not facts.cuda:
             return ModelPlan("embedded", "tiny", notices=["no CUDA GPU: running the embedded CPU model"])
-        wants_nunchaku = facts.nunchaku == "real" and facts.sm in NUNCHAKU_PRECISION_BY_SM
+        unusable = nunchaku_mismatch(facts)
+        wants_nunchaku = facts.nunchaku == "real" and facts.sm in NUNCHAKU_PRECISION_BY_SM and unusable is None
     if model in EMBEDDED_NAMES:
         return ModelPlan("embedded", model)
 
@@ -105,7 +184,10 @@ def plan_model(
         device = "cuda" if facts.cuda else "cpu"
         plan = ModelPlan("diffusers", base, device=device, dtype="bfloat16" if facts.cuda else "float32")
         if model == "auto":
-            reason = "nunchaku is not installed" if facts.nunchaku != "real" else f"sm_{facts.sm} has no 4-bit kernels"
+            if facts.nunchaku != "real":
+                reason = "nunchaku is not installed"
+            else:
+                reason = unusable or f"sm_{facts.sm} has no 4-bit kernels"
             plan.notices.append(f"{reason}: running bf16 diffusers FLUX.1-dev")
     if facts.nunchaku == "unrelated" and not wants_nunchaku:
         plan.notices.append("the installed 'nunchaku' is an unrelated PyPI project; " + NUNCHAKU_INSTALL_HINT)
@@ -124,6 +206,9 @@ def _plan_nunchaku(base: str, transformer: str | None, nunchaku_class: str, fact
         )
     if facts.nunchaku == "absent":
         raise SetupError("nunchaku is not installed: " + NUNCHAKU_INSTALL_HINT + " (never `pip install nunchaku`)")
+    mismatch = nunchaku_mismatch(facts)
+    if mismatch is not None:
+        raise SetupError(mismatch)
     if not facts.cuda:
         raise SetupError(
             "nunchaku needs an NVIDIA GPU with CUDA, and none is available: use --model tiny on this machine"
@@ -134,14 +219,31 @@ def _plan_nunchaku(base: str, transformer: str | None, nunchaku_class: str, fact
             f"nunchaku has no 4-bit kernels for {facts.gpu_name or 'this GPU'} (sm_{facts.sm}); supported: "
             "RTX 20/30/40/50, A100, A10/A6000, L4/L40S (not H100/H200/B200/V100). Use --model diffusers instead"
         )
+    transformer = transformer or NUNCHAKU_FLUX_DEV.format(precision=precision)
+    notices = []
+    if facts.sm == 75:
+        # Turing has no bf16. V1's C++ loader converts the (bf16) checkpoints to fp16; V2's loader asserts that
+        # every tensor already has the model's dtype (nunchaku models/transformers/utils.py).
+        dtypes = checkpoint_float_dtypes(transformer)
+        fp16_checkpoint = dtypes == {"F16"}
+        why = "V2 loads only checkpoints already in fp16, and Turing runs fp16"
+        if nunchaku_class == "v2" and dtypes is not None and not fp16_checkpoint:
+            raise SetupError(f"{transformer} holds {', '.join(sorted(dtypes))} tensors; {why}: use --nunchaku-class v1")
+        if nunchaku_class == "v2" and dtypes is None:
+            notices.append(f"Turing (sm_75) with nunchaku V2: {why}; the published checkpoints are bf16")
+        if nunchaku_class == "auto":
+            nunchaku_class = "v2" if fp16_checkpoint else "v1"
+            if nunchaku_class == "v1":
+                notices.append(f"Turing (sm_75): running nunchaku V1, which converts the weights; {why}")
     return ModelPlan(
         "nunchaku",
         base,
         device="cuda",
         dtype="float16" if facts.sm == 75 else "bfloat16",
-        transformer=transformer or NUNCHAKU_FLUX_DEV.format(precision=precision),
-        nunchaku_class=nunchaku_class,
+        transformer=transformer,
+        nunchaku_class="v2" if nunchaku_class == "auto" else nunchaku_class,
         precision=precision,
+        notices=notices,
     )
 
 

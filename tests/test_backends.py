@@ -82,14 +82,3 @@ def test_standin_block_counts_equal_the_trace(make_pipe, run, monkeypatch):
         summary = h2cache.summary(standin)
         assert (counts["double"], counts["single"]) == (summary["double_blocks_run"], summary["single_blocks_run"])
         assert summary["blocks_run"] == SPEC.num_double + SPEC.num_single + 4 * 2
-
-
-def test_v2_falls_back_for_joint_attention_kwargs(make_pipe, monkeypatch):
-    install_nunchaku_rotary_module(monkeypatch)
-    model = nunchaku_v2_standin(make_pipe(SPEC).transformer)
-    h2cache.apply(model, "none")
-    calls = []
-    model._h2cache_controller._original_forward = lambda **kwargs: calls.append(kwargs) or (torch.zeros(1),)
-    with pytest.warns(UserWarning, match="nunchaku V2 blocks accept none"):
-        model(hidden_states=torch.zeros(1, 4, 64), timestep=torch.ones(1), joint_attention_kwargs={"foo": 1})
-    assert calls and calls[0]["joint_attention_kwargs"] == {"foo": 1}

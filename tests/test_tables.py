@@ -90,7 +90,7 @@ def records_for(config, method, time_s, clip_iqa, blocks_run, blocks_total=57, *
 def records_file(tmp_path):
     """The paper's baseline and Block Cache rows, a config with an infinite PSNR, and one without weights."""
     records = (
-        records_for("baseline", "none", 55.72, 0.7693, blocks_run=57, psnr=None, ssim=None, lpips=None)
+        records_for("baseline", "native", 55.72, 0.7693, blocks_run=57, psnr=None, ssim=None, lpips=None)
         + records_for(
             "fbcache_t0.12", "fbcache", 12.82, 0.7681, blocks_run=14,
             psnr=lambda prompt: 30.0 + PROMPTS.index(prompt), ssim=0.91, lpips=0.08,
@@ -221,8 +221,8 @@ def test_cli_prints_and_writes_the_table(records_file, tmp_path, capsys):
 
 def test_bad_records_are_refused_with_the_fix_named(records_file):
     records = load_records(records_file)
-    with pytest.raises(ValueError, match="exactly one config with method 'none'"):
-        build_table([record for record in records if record["method"] != "none"])
+    with pytest.raises(ValueError, match="exactly one config with method 'native'"):
+        build_table([record for record in records if record["method"] != "native"])
     with pytest.raises(ValueError, match="exactly one config"):
         build_table(records + [dict(records[0], config="baseline_again")])
     with pytest.raises(ValueError, match=r"lacks \['blocks_total'\]"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from .base import Backend, BlockContext
+from .base import Backend, BlockContext, UnsupportedCall
 from .diffusers import DiffusersBackend
 from .nunchaku import NunchakuV1Backend, NunchakuV2Backend
 
@@ -19,10 +19,13 @@ def unwrap(model):
 
 def foreign_cache(model) -> str | None:
     """Name of another library's cache already installed on ``model``, or None."""
-    if getattr(model, "_is_cached", False) or hasattr(model, "cached_transformer_blocks"):
-        return "nunchaku's first-block cache (apply_cache_on_pipe)"
-    if hasattr(model, "_original_forward"):
-        return "nunchaku's V2 cache (apply_cache_on_transformer)"
+    # nunchaku's V1 adapter sets _original_forward and _original_blocks at once, but _is_cached and
+    # cached_transformer_blocks only at the first cached call; its V2 adapter sets _original_forward, its
+    # thresholds and _is_cached at once and keeps no block lists.
+    if hasattr(model, "_original_blocks") or hasattr(model, "cached_transformer_blocks"):
+        return "nunchaku's V1 first-block cache (nunchaku.caching.diffusers_adapters.flux)"
+    if hasattr(model, "_original_forward") or getattr(model, "_is_cached", False):
+        return "nunchaku's V2 first-block cache (nunchaku.caching.diffusers_adapters.flux_v2)"
     if getattr(model, "_cache_config", None) is not None:
         return f"diffusers' {type(model._cache_config).__name__} (transformer.enable_cache)"
     return None
@@ -47,4 +50,4 @@ def detect_backend(model) -> Backend:
     raise TypeError(f"h2cache needs a FLUX transformer; got {type(model).__name__}")
 
 
-__all__ = ["Backend", "BlockContext", "detect_backend", "foreign_cache", "unwrap"]
+__all__ = ["Backend", "BlockContext", "UnsupportedCall", "detect_backend", "foreign_cache", "unwrap"]

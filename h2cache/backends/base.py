@@ -8,6 +8,7 @@ stage, and the first block's modulated input (TeaCache's indicator).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ class BlockContext:
             self.block_temb = self.temb
 
 
+class UnsupportedCall(ValueError):
+    """A call this backend cannot run at all, cached or not; raised before anything is computed, with the fix."""
+
+
 class Backend:
     """Base class: the shared prologue/epilogue; subclasses implement the block primitives."""
 
@@ -49,11 +54,22 @@ class Backend:
     def num_single(self) -> int:
         return len(self.model.single_transformer_blocks)
 
+    # Keyword arguments beyond diffusers' forward that this backend's own forward takes (e.g. PuLID's on V1).
+    extra_keywords: tuple[str, ...] = ()
+
+    def refusal(self, joint_attention_kwargs: dict | None, controlnet: bool) -> str | None:
+        """Why neither the owned nor the original forward can run this call (then ``UnsupportedCall``), or None."""
+        return None
+
     def unsupported_reason(self, joint_attention_kwargs: dict | None, controlnet: bool, extra: dict) -> str | None:
         """Why this call cannot go through the owned forward (the original forward then runs), or None."""
         if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
             return "IP-Adapter image embeddings"
         return None
+
+    def controlnet_sample_index(self, index: int, num_blocks: int, num_samples: int, repeat: bool) -> int:
+        """Which ControlNet sample block ``index`` adds: diffusers' rule, ``index % n`` when samples repeat."""
+        return index % num_samples if repeat else index // math.ceil(num_blocks / num_samples)
 
     def prologue(
         self,
@@ -118,6 +134,11 @@ class Backend:
     def add_to_image(self, state: StageState, delta: torch.Tensor, context: BlockContext) -> StageState:
         """Add ``delta`` to the image tokens of a single-stage state (ControlNet residuals)."""
         raise NotImplementedError
+
+    def fused_rest(self, streams: Streams, start: int, context: BlockContext) -> Streams | None:
+        """Double blocks ``start``.. and every single block in one call, or None where the backend has no such call
+        (then the controller runs them block by block)."""
+        return None
 
     def modulated_input(self, streams: Streams, context: BlockContext) -> torch.Tensor:
         """Double block 0's AdaLN-modulated image input, TeaCache's step-change indicator."""

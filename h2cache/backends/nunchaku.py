@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from ..streams import Streams
 from .base import Backend, BlockContext
 
+V1_HINT = "load the transformer as nunchaku V1 (run.py --nunchaku-class v1, NunchakuFluxTransformer2dModel)"
+
 ROTARY_TOKEN_MULTIPLE = 256
 
 
@@ -54,12 +56,16 @@ class _ConcatenatedSingleStage(Backend):
 class NunchakuV2Backend(_ConcatenatedSingleStage):
     name = "nunchaku_v2"
 
-    def unsupported_reason(self, joint_attention_kwargs, controlnet, extra):
-        if joint_attention_kwargs:
-            return "joint_attention_kwargs (nunchaku V2 blocks accept none)"
+    def refusal(self, joint_attention_kwargs, controlnet):
+        # nunchaku's own V2 forward raises NotImplementedError for both, so there is nothing to fall back to.
         if controlnet:
-            return "ControlNet residuals (nunchaku V2 does not support them)"
-        return super().unsupported_reason(joint_attention_kwargs, controlnet, extra)
+            return f"nunchaku V2 cannot run ControlNet (its forward raises NotImplementedError): {V1_HINT}"
+        if joint_attention_kwargs:
+            return (
+                f"nunchaku V2 blocks accept no joint_attention_kwargs (got {sorted(joint_attention_kwargs)}; "
+                f"IP-Adapter and attention-processor arguments): {V1_HINT}, or call without them"
+            )
+        return None
 
     def block_rotary(self, rotary, num_txt):
         from nunchaku.models.embeddings import pack_rotemb
@@ -102,10 +108,17 @@ class NunchakuV1Backend(_ConcatenatedSingleStage):
     def num_single(self) -> int:
         return self.model.config.num_single_layers
 
+    # nunchaku's PuLID pipeline passes these to the transformer's forward; id_embeddings=None means no identity.
+    extra_keywords = ("id_embeddings", "id_weight")
+
     def unsupported_reason(self, joint_attention_kwargs, controlnet, extra):
-        if getattr(self.model, "pulid_args", None) or (joint_attention_kwargs or {}).get("id_embeddings") is not None:
-            return "PuLID (its callback fires only inside nunchaku's fused forward)"
+        if extra.get("id_embeddings") is not None:
+            return "PuLID identity embeddings (nunchaku applies them only inside its fused forward)"
         return super().unsupported_reason(joint_attention_kwargs, controlnet, extra)
+
+    def controlnet_sample_index(self, index, num_blocks, num_samples, repeat):
+        # nunchaku's C++ FluxModel::forward ignores controlnet_blocks_repeat: always the interval rule.
+        return super().controlnet_sample_index(index, num_blocks, num_samples, repeat=False)
 
     def block_rotary(self, rotary, num_txt):
         rot_txt, rot_img, rot_single = packed_rotary(rotary, num_txt, type(self._blocks).pack_rotemb)
@@ -133,6 +146,25 @@ class NunchakuV1Backend(_ConcatenatedSingleStage):
 
     def single(self, index, state, context):
         return self._blocks.m.forward_single_layer(index, state, context.block_temb, context.rotary["single"])
+
+    def fused_rest(self, streams, start, context):
+        # m.forward runs layers 0..56, or 1..56 with skip_first_layer, synchronising once; per-layer calls
+        # synchronise and copy their outputs once per layer.
+        if start > 1:
+            return None
+        rotary = context.rotary
+        joint = self._blocks.m.forward(
+            streams.img,
+            streams.txt,
+            context.block_temb,
+            rotary["img"],
+            rotary["txt"],
+            rotary["single"],
+            None,
+            None,
+            start == 1,
+        )
+        return Streams(img=joint[:, context.num_txt :], txt=joint[:, : context.num_txt])
 
     def modulated_input(self, streams, context):
         return self._blocks.m.norm_one_forward(0, streams.img, context.block_temb)[0]

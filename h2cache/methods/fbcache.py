@@ -26,5 +26,4 @@ class FBCache(CacheMethod):
 
     @staticmethod
     def _rest(run, streams):
-        streams = run.double_blocks(streams, 1)
-        return run.leave_single(run.single_blocks(run.enter_single(streams), 0))
+        return run.rest_of_model(streams, 1)

@@ -69,7 +69,6 @@ class TeaCache(CacheMethod):
             reused = Streams(streams.img + state.image_residual, streams.txt)
             return reused, StageDecision(HIT, distance), StageDecision(FORCED)
 
-        output = run.double_blocks(streams, 0)
-        output = run.leave_single(run.single_blocks(run.enter_single(output), 0))
+        output = run.rest_of_model(streams, 0)
         state.image_residual = output.img - streams.img
         return output, StageDecision(MISS, distance), StageDecision(MISS)
