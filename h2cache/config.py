@@ -228,10 +228,10 @@ class H2ForecastConfig(MethodConfig):
     Each step, double block 0 and single block 0 run as probes and are summarised by PFS, as in H2-Cache. A stage
     whose probe stays within its threshold skips its remaining blocks, and their residual is extrapolated from the
     stage's last full computations (Taylor finite differences as in TaylorSeer, or HiCache's scaled Hermite basis)
-    instead of being reused as it was. By default the distance is TeaCache's: the relative L1 between consecutive
-    steps' probe thumbnails, summed since the stage's last miss, so a threshold bounds how far the probe has drifted
-    along its path, a quantity that does not grow with the step count as the distance to a fixed anchor's step
-    spacing does.
+    instead of being reused as it was. By default a stage is judged by its probe's own forecast error: the probe's
+    thumbnail is extrapolated exactly as the rest of the stage would be, so the threshold bounds the relative error
+    the stage's forecast shares, a quantity that does not grow with the step count as the distance to a fixed
+    anchor does.
 
     Args:
         tau1 (`float`, defaults to 0.3):
