@@ -27,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import io
+import json
 import math
 import sys
 import time
@@ -414,6 +415,16 @@ def select(configs: list[BenchConfig], families: str | None, per_family: int | N
     return configs
 
 
+def measured_before(path: Path, run: dict) -> dict[str, dict]:
+    """The points an earlier, interrupted run of the same model, steps, prompts and seed left in ``path``."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(earlier.get("run", {}).get(key) == value for key, value in run.items())
+    return {point["label"]: point for point in earlier.get("points", [])} if same else {}
+
+
 def peers_available() -> list[str]:
     """Why a peer family cannot run, one line each (empty when all can)."""
     problems = []
@@ -484,21 +495,25 @@ def main(argv=None) -> int:
     counter.take()
     installer = Installer(pipe, call, prompts[0], args.seed)
 
+    run = {"model": args.model, "steps": call["num_inference_steps"], "prompts": prompts, "seed": args.seed}
+    done = measured_before(args.out / "points.json", run)
     points, started = [], time.perf_counter()
     for number, config in enumerate(configs, start=1):
-        point = measure(config, installer, pipe, counter, prompts, args.seed, call, references, lpips)
+        point = done.get(config.label)
+        if point is None:
+            point = measure(config, installer, pipe, counter, prompts, args.seed, call, references, lpips)
         points.append(point)
         print(
             f"[{number}/{len(configs)}] {config.label}: time {point['time_ratio']:.3f}, blocks "
             f"{100 * point['blocks']:.1f}% (FLUX.1-costed {100 * point['flux_costed']:.1f}%), "
-            f"PSNR {point['mean_psnr']:.2f} dB",
+            f"PSNR {point['mean_psnr']:.2f} dB" + (" (measured before)" if config.label in done else ""),
             flush=True,
         )
+        # Every point is on disk as soon as it is measured: an interrupted run continues from here.
+        write_json(args.out / "points.json", {"run": run, "points": list({**done, config.label: point}.values())})
+        done[config.label] = point
     info = {
-        "model": args.model,
-        "steps": call["num_inference_steps"],
-        "prompts": prompts,
-        "seed": args.seed,
+        **run,
         "blocks": [counter.num_double, counter.num_single],
         "mag_ratios": installer._mag_ratios,
         "torch_threads": 1,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,17 +30,33 @@ def run_frontier(out, *extra):
     )
 
 
+FAMILIES = "h2,h2-forecast,teacache,fbc,magcache" + (",dbcache" if HAS_CACHE_DIT else "")
+SMALL_RUN = ("--model", str(EMBEDDED), "--steps", "28", "--prompts", "1", "--per-family", "2", "--families", FAMILIES)
+
+
 @pytest.fixture(scope="module")
 def frontier_run(tmp_path_factory):
     if not (EMBEDDED / "transformer").is_dir():
         pytest.skip("no shipped embedded model in this checkout")
     out = tmp_path_factory.mktemp("frontier")
-    families = "h2,h2-forecast,teacache,fbc,magcache" + (",dbcache" if HAS_CACHE_DIT else "")
-    result = run_frontier(
-        out, "--model", str(EMBEDDED), "--steps", "28", "--prompts", "1", "--per-family", "2", "--families", families
-    )
+    result = run_frontier(out, *SMALL_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "points.json").read_text())
+
+
+def test_a_rerun_continues_from_the_points_on_disk_and_measures_nothing_again(frontier_run, tmp_path):
+    out, data = frontier_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    kept = data["points"][:3]  # as an interrupted run leaves it: the first points, the run they belong to
+    (resumed / "points.json").write_text(json.dumps({"run": data["run"], "points": kept}))
+    result = run_frontier(resumed, *SMALL_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert len(progress) == len(data["points"])
+    assert [line.endswith("(measured before)") for line in progress] == [i < 3 for i in range(len(progress))]
+    again = json.loads((resumed / "points.json").read_text())["points"]
+    assert again[:3] == kept and [p["label"] for p in again] == [p["label"] for p in data["points"]]
 
 
 def test_benchmark_writes_every_output_atomically(frontier_run):
@@ -52,7 +69,9 @@ def test_benchmark_writes_every_output_atomically(frontier_run):
         expected |= {"cache-dit DBCache F1B0", "cache-dit DBCache F1B0 + TaylorSeer"}
     assert {p["family"] for p in points} == expected
     assert all(len([p for p in points if p["family"] == family]) == 2 for family in expected)
-    assert data["run"]["steps"] == 28 and data["run"]["blocks"] == [4, 8] and len(data["run"]["mag_ratios"]) == 28
+    config = json.loads((EMBEDDED / "transformer" / "config.json").read_text())
+    assert data["run"]["blocks"] == [config["num_layers"], config["num_single_layers"]]
+    assert data["run"]["steps"] == 28 and len(data["run"]["mag_ratios"]) == 28
     for point in points:
         assert 0 < point["time_ratio"] < 3 and 0 < point["blocks"] <= 1 and 0 < point["flux_costed"] <= 1
         assert point["mean_psnr"] > 20 and 0 < point["mean_ssim"] <= 1
