@@ -24,12 +24,13 @@ PROMPT = "a small red circle on the left against a white background"  # a captio
 MODEL = "auto"  # auto | tiny | random | nunchaku | diffusers | <local diffusers folder> | <hub id>
 TRANSFORMER = None  # nunchaku safetensors file or org/repo/file (default: FLUX.1-dev for this GPU's precision)
 NUNCHAKU_CLASS = "auto"  # auto (v2; v1 on Turing) | v2 (per-block modules) | v1 (fused C++ model; has the LoRA API)
-METHOD = "h2"  # none | h2 | dbfcache | fbcache (Block Cache) | teacache | taylorseer | hicache
+METHOD = "h2"  # none | h2 | h2-forecast | dbfcache | fbcache (Block Cache) | teacache | taylorseer | hicache
 THRESHOLD = None  # fbcache / teacache threshold (None: the method's default, 0.12 / 0.6)
-INTERVAL = ORDER = None  # taylorseer / hicache schedule interval and order (None: the method's default)
-TAU1, TAU2 = 0.15, 0.22  # H2-Cache structure / detail thresholds (the authors' values)
+INTERVAL = ORDER = None  # taylorseer / hicache interval, and their / h2-forecast's order (None: the method's)
+TAU1 = TAU2 = None  # structure / detail thresholds (None: the method's; h2: 0.15 / 0.22, the authors' values)
+MAX_RUN = None  # h2-forecast: longest run of forecasts, a share of the steps (None: the method's default)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
-MODE = "official"  # official: a stage-1 hit forces stage-2 reuse | independent: stage 2 judged on its own
+MODE = None  # official: a stage-1 hit forces stage 2 | independent: stage 2 judged alone (None: the method's)
 STEPS = None  # None: the model's default (50 for FLUX.1-dev, the embedded model's own)
 GUIDANCE = None  # None: the model's default (3.5 for FLUX.1-dev)
 HEIGHT = WIDTH = None  # None: the model's native size (1024 for FLUX.1-dev); multiples of 16
@@ -49,8 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     arg("--prompt", default=PROMPT, help="what to draw")
     arg("--method", default=METHOD, choices=sorted(METHODS), help="cache method")
-    arg("--tau1", type=float, default=TAU1, help="H2-Cache structure threshold (double-stream stage)")
-    arg("--tau2", type=float, default=TAU2, help="H2-Cache detail threshold (single-stream stage)")
+    arg(
+        "--tau1",
+        type=float,
+        default=TAU1,
+        help="H2-Cache / H2-Forecast structure threshold (double-stream stage)",
+        shown="the method's: h2 0.15, h2-forecast 0.3",
+    )
+    arg(
+        "--tau2",
+        type=float,
+        default=TAU2,
+        help="H2-Cache / H2-Forecast detail threshold (single-stream stage)",
+        shown="the method's: h2 0.22, h2-forecast 0.3",
+    )
     arg("--pool1", type=int, default=POOL1, help="stage-1 PFS divisor (kernel = max(1, image tokens // pool1))")
     arg("--pool2", type=int, default=POOL2, help="stage-2 PFS divisor (kernel = max(1, all tokens // pool2))")
     arg(
@@ -71,10 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--order",
         type=int,
         default=ORDER,
-        help="TaylorSeer / HiCache: forecast order",
-        shown="the method's: taylorseer 1, hicache 2",
+        help="TaylorSeer / HiCache / H2-Forecast: forecast order",
+        shown="the method's: taylorseer 1, hicache 2, h2-forecast 2",
     )
-    arg("--mode", default=MODE, choices=["official", "independent"], help="H2-Cache stage coupling")
+    arg(
+        "--max-run",
+        type=float,
+        default=MAX_RUN,
+        help="H2-Forecast: longest run of forecasts per stage, as a share of the steps",
+        shown="the method's: 0.24",
+    )
+    arg(
+        "--mode",
+        default=MODE,
+        choices=["official", "independent"],
+        help="stage coupling",
+        shown="the method's: h2 official, h2-forecast independent",
+    )
     arg(
         "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"
     )

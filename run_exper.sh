@@ -10,19 +10,21 @@
 #   bash run_exper.sh --tau-grid           H2-Cache over a tau1 x tau2 grid
 #   bash run_exper.sh --steps-sweep        the four methods at 10, 20, 50 and 100 steps
 #   bash run_exper.sh --pfs-ablation       H2-Cache with and without Pooled Feature Summarization
+#   bash run_exper.sh --with-forecast      also H2-Forecast (this project's method) at its defaults, in every mode
 #   (--quick combines with the three ablations: the same chain on the embedded CPU model)
 # Options: --out DIR (default results/), --weights-dir DIR (metric weights), --skip-missing, --processes N,
 #          --limit N (first N prompts), --lora PATH:SCALE (default: XLabs-AI/flux-RealismLora at 0.8, GPU only)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-mode=paper quick=0 out=results processes="" limit="" weights=() skip=() lora="" lora_given=0
+mode=paper quick=0 forecast=0 out=results processes="" limit="" weights=() skip=() lora="" lora_given=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) quick=1 ;;
     --tau-grid) mode=tau-grid ;;
     --steps-sweep) mode=steps-sweep ;;
     --pfs-ablation) mode=pfs-ablation ;;
+    --with-forecast) forecast=1 ;;
     --out) out="$2"; shift ;;
     --weights-dir) weights=(--weights-dir "$2"); shift ;;
     --skip-missing) skip=(--skip-missing) ;;
@@ -42,6 +44,7 @@ methods=(
   "teacache:threshold=0.8,label=TeaCache"
   "h2:tau1=0.15,tau2=0.22,label=H2-Cache"
 )
+[[ $forecast == 1 ]] && methods+=("h2-forecast:label=H2-Forecast")
 setup=(--prompts eval/prompts/cute80.jsonl --model nunchaku --nunchaku-class v1 --steps 100 --height 1024
        --width 1024 --guidance 3.5 --seed 0)
 if [[ $quick == 1 ]]; then
@@ -80,6 +83,7 @@ case $mode in
     for steps in 10 20 50 100; do run "steps-$steps" "${configs[@]}" --steps "$steps"; done ;;  # last --steps wins
   tau-grid)
     grid=("baseline")
+    [[ $forecast == 1 ]] && grid+=("h2-forecast:label=H2-Forecast")
     for tau1 in 0.05 0.10 0.15 0.20 0.25; do
       for tau2 in 0.10 0.15 0.22 0.30; do grid+=("h2:tau1=$tau1,tau2=$tau2"); done
     done
@@ -87,6 +91,7 @@ case $mode in
     run tau-grid "${configs[@]}" ;;
   pfs-ablation)
     mapfile -t configs < <(as_configs "baseline" "h2:tau1=0.15,tau2=0.22,label=H2 PFS" \
-      "h2:tau1=0.15,tau2=0.22,pfs=false,label=H2 no PFS" "dbfcache:tau1=0.15,tau2=0.22,label=Double FB cache")
+      "h2:tau1=0.15,tau2=0.22,pfs=false,label=H2 no PFS" "dbfcache:tau1=0.15,tau2=0.22,label=Double FB cache" \
+      $([[ $forecast == 1 ]] && echo "h2-forecast:label=H2-Forecast"))
     run pfs-ablation "${configs[@]}" ;;
 esac

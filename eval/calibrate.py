@@ -25,6 +25,7 @@ import numpy as np
 
 THRESHOLD_NAMES = {
     "h2": ("tau1", "tau2"),
+    "h2-forecast": ("tau1", "tau2"),
     "dbfcache": ("tau1", "tau2"),
     "fbcache": ("threshold",),
     "teacache": ("threshold",),
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default="grammar:20", help="as eval.runner's --prompts")
     parser.add_argument("--limit", type=int, help="first N prompts only")
     parser.add_argument("--method", default="h2", choices=sorted(THRESHOLD_NAMES))
-    parser.add_argument("--tau1", default=DEFAULT_GRIDS["tau1"], help="comma-separated grid (h2, dbfcache)")
-    parser.add_argument("--tau2", default=DEFAULT_GRIDS["tau2"], help="comma-separated grid (h2, dbfcache)")
+    parser.add_argument("--tau1", default=DEFAULT_GRIDS["tau1"], help="comma-separated grid (h2*, dbfcache)")
+    parser.add_argument("--tau2", default=DEFAULT_GRIDS["tau2"], help="comma-separated grid (h2*, dbfcache)")
     parser.add_argument("--threshold", default=DEFAULT_GRIDS["threshold"], help="grid for fbcache / teacache")
     parser.add_argument("--target-psnr", type=float, default=DEFAULT_TARGET_PSNR, help="mean PSNR to keep, dB")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -153,9 +154,9 @@ def main(argv=None) -> int:
     )
     write_text(args.out / "calibration.md", table)
     if chosen and "tau1" in chosen.params:
-        from h2cache.config import H2CacheConfig
+        from h2cache import METHODS
 
-        plot_probe_distances(traces[0], args.out / "distances.png", H2CacheConfig(**chosen.params))
+        plot_probe_distances(traces[0], args.out / "distances.png", METHODS[args.method][0](**chosen.params))
     print(table, end="")
     return 0 if chosen else 1
 

@@ -16,7 +16,8 @@ CLIP-IQA change 95% CI | PSNR (dB) | SSIM | LPIPS | Blocks computed)::
 - The CI is a paired bootstrap over prompts (``eval.stats``) on the (prompt_id, seed) pairs both configs scored.
 - PSNR of an image identical to its reference is infinite: the mean is over the finite values and the cell says
   how many were identical, e.g. "31.20 (2 identical)"; all identical gives "inf". JSON stores ``inf`` as "inf".
-- A metric with no value is "n/a", or the record's own "n/a (weights missing: …)" reason.
+- A metric with no value is "n/a"; when the records give a reason ("n/a (weights missing: …)"), the markdown cell
+  is "n/a [k]" and the reason is printed once, as footnote k below the table (CSV and JSON keep the full text).
 
 CLI: ``python -m eval.tables records.jsonl --out-dir results/`` prints the table and writes table.{md,csv,json}.
 """
@@ -180,10 +181,21 @@ def format_table(rows: Sequence[ConfigRow], labels: Mapping[str, str] | None = N
     """The table as markdown; ``labels`` maps config names to display names (e.g. {"baseline": "Baseline"})."""
     labels = labels or {}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    footnotes: dict[str, int] = {}  # "weights missing: …" -> its footnote number, in order of appearance
     for row in rows:
-        cells = [labels.get(row.config, row.config)] + _display_cells(row)
+        cells = [labels.get(row.config, row.config)] + [_footnoted(cell, footnotes) for cell in _display_cells(row)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"[{number}] {reason}" for reason, number in footnotes.items()]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _footnoted(cell: str, footnotes: dict[str, int]) -> str:
+    """A cell "n/a (weights missing: X)" becomes "n/a [k]", and the reason is kept once, as footnote k."""
+    if not cell.startswith(NOT_AVAILABLE + " (") or not cell.endswith(")"):
+        return cell
+    reason = cell[len(NOT_AVAILABLE) + 2 : -1]
+    number = footnotes.setdefault(reason, len(footnotes) + 1)
+    return f"{NOT_AVAILABLE} [{number}]"
 
 
 def table_to_json(rows: Sequence[ConfigRow], resamples: int, confidence: float, seed: int) -> dict[str, Any]:

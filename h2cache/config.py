@@ -215,3 +215,84 @@ class HiCacheConfig(MethodConfig):
     def __post_init__(self):
         _check_schedule("HiCacheConfig", self.interval, self.order, self.first_enhance)
         _check_threshold("HiCacheConfig", "scale", self.scale)
+
+
+FORECAST_BASES = ("taylor", "hermite")
+FORECAST_DISTANCES = ("forecast", "accumulated", "anchor")
+
+
+@dataclass
+class H2ForecastConfig(MethodConfig):
+    r"""H2-Forecast: H2-Cache's two probes decide what each stage computes; a reused stage is forecast, not copied.
+
+    Each step, double block 0 and single block 0 run as probes and are summarised by PFS, as in H2-Cache. A stage
+    whose probe stays within its threshold skips its remaining blocks, and their residual is extrapolated from the
+    stage's last full computations (Taylor finite differences as in TaylorSeer, or HiCache's scaled Hermite basis)
+    instead of being reused as it was. By default a stage is judged by its probe's own forecast error: the probe's
+    thumbnail is extrapolated exactly as the rest of the stage would be, so the threshold bounds the relative error
+    the stage's forecast shares, a quantity that does not grow with the step count as the distance to a fixed
+    anchor does.
+
+    Args:
+        tau1 (`float`, defaults to 0.3):
+            Structure threshold (double blocks): the stage is forecast while its distance stays strictly below
+            it. As in H2-Cache, larger means more reuse.
+        tau2 (`float`, defaults to 0.3):
+            Detail threshold (single blocks), the same way.
+        pool1 (`int`, defaults to 2048): stage-1 PFS divisor, as ``H2CacheConfig.pool1``.
+        pool2 (`int`, defaults to 384): stage-2 PFS divisor, as ``H2CacheConfig.pool2``.
+        distance (`str`, defaults to "forecast"):
+            What the probe's thumbnail is compared with. "forecast": its own forecast from the stage's computed
+            steps (the same extrapolation the stage gets), so the threshold bounds the relative forecast error.
+            "accumulated": the previous step's thumbnail, the relative L1 summed since the stage's last miss
+            (TeaCache's accumulation). "anchor": the thumbnail of the last miss (H2-Cache's rule).
+        order (`int`, defaults to 2):
+            Highest finite difference of the forecast; 0 reuses the last computed residual as H2-Cache does.
+        basis (`str`, defaults to "hermite"): "taylor" (``k^i / i!``) or "hermite" (HiCache's scaled Hermite).
+        scale (`float`, defaults to 0.5): the Hermite scale sigma; unused by "taylor".
+        max_run (`float`, *optional*, defaults to 0.24):
+            Longest run of consecutive forecasts per stage, as a share of the call's steps (0.24: 12 of 50, 24 of
+            100), so that it means the same stretch of the trajectory at any step count. None: no cap (also when
+            the step count is unknown, on a bare transformer).
+        warmup (`int`, defaults to 2):
+            Leading steps computed in full, so that the first forecast already has a first difference.
+        mode (`str`, defaults to "independent"):
+            "independent": each stage is judged on its own probe. "official": a stage-1 hit also forecasts stage 2
+            without judging it, as H2-Cache's code does.
+    """
+
+    method = "h2-forecast"
+    tau1: float = 0.3
+    tau2: float = 0.3
+    pool1: int = 2048
+    pool2: int = 384
+    distance: str = "forecast"
+    order: int = 2
+    basis: str = "hermite"
+    scale: float = 0.5
+    max_run: float | None = 0.24
+    warmup: int = 2
+    mode: str = "independent"
+
+    def __post_init__(self):
+        owner = "H2ForecastConfig"
+        _check_threshold(owner, "tau1", self.tau1)
+        _check_threshold(owner, "tau2", self.tau2)
+        _check_divisor(owner, "pool1", self.pool1)
+        _check_divisor(owner, "pool2", self.pool2)
+        if self.distance not in FORECAST_DISTANCES:
+            raise ValueError(f"{owner}.distance must be one of {FORECAST_DISTANCES}, got {self.distance!r}")
+        _check_count(owner, "order", self.order, 0)
+        if self.basis not in FORECAST_BASES:
+            raise ValueError(f"{owner}.basis must be one of {FORECAST_BASES}, got {self.basis!r}")
+        _check_threshold(owner, "scale", self.scale)
+        if self.max_run is not None:
+            _check_threshold(owner, "max_run", self.max_run)
+        _check_count(owner, "warmup", self.warmup, 1)
+        if self.mode not in H2_MODES:
+            raise ValueError(f"{owner}.mode must be one of {H2_MODES}, got {self.mode!r}")
+
+
+def _check_count(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")

@@ -238,6 +238,26 @@ def test_lora_through_diffusers_changes_the_image(tmp_path):
     assert json.loads((with_lora / name).with_suffix(".json").read_text())["lora"]["scale"] == 0.7
 
 
+@pytest.mark.parametrize("method", ["h2", "h2-forecast"])
+def test_each_method_gets_its_own_defaults_unless_a_flag_is_given(method, tmp_path):
+    import run
+    from h2cache import METHODS
+
+    config = run.validate(run.build_parser().parse_args(["--method", method, "--out", str(tmp_path)]))[0]
+    assert config == METHODS[method][0]()
+    config = run.validate(run.build_parser().parse_args(["--method", method, "--tau1", "0.05", "--max-run", "0.1"]))[0]
+    assert config.tau1 == 0.05 and getattr(config, "max_run", 0.1) == 0.1
+
+
+def test_h2_forecast_runs_from_the_command_line(tmp_path):
+    result = run_cli("--model", "random", "--method", "h2-forecast", "--steps", "8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(
+        (tmp_path / "a-small-red-circle-on-the-left-against-a-white-b-h2-forecast-seed0.json").read_text()
+    )
+    assert record["method"] == "h2-forecast" and record["params"]["distance"] == "forecast"
+
+
 def test_prompt_words_the_embedded_model_never_saw_are_named_and_it_still_draws(tmp_path):
     out = tmp_path / "out"
     prompt = "a red zebra near the park"

@@ -120,7 +120,8 @@ def strict_json(text):
 
 def table_cells(markdown):
     """{row label: [cells]} of a markdown table."""
-    rows = [line.strip("|").split(" | ") for line in markdown.strip().splitlines()[2:]]
+    lines = [line for line in markdown.strip().splitlines() if line.startswith("|")]  # footnotes follow the table
+    rows = [line.strip("|").split(" | ") for line in lines[2:]]
     return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
 
 
@@ -157,9 +158,23 @@ def test_identical_images_and_missing_metrics_are_labelled_not_averaged(records_
     cells = table_cells(format_table(build_table(load_records(records_file))))
     assert cells["h2_0.15_0.22"][3] == "32.00 (1 identical)"
     assert cells["h2_0.15_0.22"][5] == "n/a"
-    assert cells["teacache"][1] == "n/a (weights missing: clip/RN50.pt)"
+    assert cells["teacache"][1] == "n/a [1]"
     assert cells["teacache"][2] == "n/a"
-    assert cells["teacache"][5] == "n/a (weights missing: torch/hub/checkpoints/alexnet-owt-7be5be79.pth)"
+    assert cells["teacache"][5] == "n/a [2]"
+
+
+def test_missing_weights_read_n_a_once_with_one_footnote_per_missing_file(records_file):
+    records = load_records(records_file)
+    for record in records:  # no CLIP weights at all: every row, the baseline included, lacks the metric
+        record["clip_iqa"] = "n/a (weights missing: clip/RN50.pt)"
+    markdown = format_table(build_table(records))
+    cells = table_cells(markdown)
+    assert {row[1].split(" (")[0] for row in cells.values()} == {"n/a [1]"}
+    assert markdown.count("clip/RN50.pt") == 1 and markdown.count("alexnet-owt-7be5be79.pth") == 1
+    assert markdown.rstrip().splitlines()[-2:] == [
+        "[1] weights missing: clip/RN50.pt",
+        "[2] weights missing: torch/hub/checkpoints/alexnet-owt-7be5be79.pth",
+    ]
 
 
 def test_clip_iqa_interval_is_paired_over_prompts(records_file):

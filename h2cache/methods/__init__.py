@@ -6,6 +6,7 @@ from ..config import (
     DBFCacheConfig,
     FBCacheConfig,
     H2CacheConfig,
+    H2ForecastConfig,
     HiCacheConfig,
     NoCacheConfig,
     TaylorSeerConfig,
@@ -15,6 +16,7 @@ from .base import CacheMethod
 from .dbfcache import DBFCache
 from .fbcache import FBCache
 from .h2 import H2Cache
+from .h2_forecast import H2Forecast
 from .hicache import HiCache
 from .none import NoCache
 from .taylorseer import TaylorSeer
@@ -23,6 +25,7 @@ from .teacache import TeaCache
 METHODS = {
     "none": (NoCacheConfig, NoCache),
     "h2": (H2CacheConfig, H2Cache),
+    "h2-forecast": (H2ForecastConfig, H2Forecast),
     "dbfcache": (DBFCacheConfig, DBFCache),
     "fbcache": (FBCacheConfig, FBCache),
     "teacache": (TeaCacheConfig, TeaCache),

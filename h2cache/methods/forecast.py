@@ -11,6 +11,7 @@ adds ``sum_i D[i] * basis(i, k)`` to the stage's input: ``k^i / i!`` for Taylor,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..streams import add_residual, residual, scaled
@@ -36,6 +37,24 @@ def hermite_coefficient(order: int, distance: int, scale: float) -> float:
     if order == 0:
         return 1.0
     return scale**order * hermite(order, scale * distance) / math.factorial(order)
+
+
+def refreshed_differences(old: list, feature, spacing: int, order: int) -> list:
+    """``[F, D1 F, ..., Dorder F]`` after a computation of ``feature`` ``spacing`` steps after the one that gave
+    ``old``: ``D[i+1] = (D_new[i] - D_old[i]) / spacing``, as far as ``old`` reaches."""
+    new = [feature]
+    for index in range(min(order, len(old))):
+        new.append(scaled(residual(new[index], old[index]), 1 / spacing))
+    return new
+
+
+def extrapolate(differences: list, distance: int, coefficient: Callable[[int, int], float]):
+    """The forecast ``sum_i D[i] * coefficient(i, distance)`` of a stage residual ``distance`` steps ahead."""
+    total = None
+    for order, term in enumerate(differences):
+        contribution = scaled(term, coefficient(order, distance))
+        total = contribution if total is None else add_residual(total, contribution)
+    return total
 
 
 @dataclass
@@ -78,18 +97,11 @@ class ForecastCache(CacheMethod):
 
     def _refresh(self, state: ForecastState, stage: str, feature, step: int) -> None:
         old = state.differences.get(stage, [])
-        new = [feature]
         if len(state.computed_steps) >= 2 and step > self.config.first_enhance - 2:
             spacing = state.computed_steps[-1] - state.computed_steps[-2]
-            for order in range(self.config.order):
-                if order >= len(old):
-                    break
-                new.append(scaled(residual(new[order], old[order]), 1 / spacing))
-        state.differences[stage] = new
+            state.differences[stage] = refreshed_differences(old, feature, spacing, self.config.order)
+        else:
+            state.differences[stage] = [feature]
 
     def _forecast(self, differences, distance: int):
-        total = None
-        for order, term in enumerate(differences):
-            contribution = scaled(term, self.coefficient(order, distance))
-            total = contribution if total is None else add_residual(total, contribution)
-        return total
+        return extrapolate(differences, distance, self.coefficient)
