@@ -38,6 +38,8 @@ SMALL_RUN = ("--model", str(EMBEDDED), "--steps", "28", "--prompts", "1", "--per
 def frontier_run(tmp_path_factory):
     if not (EMBEDDED / "transformer").is_dir():
         pytest.skip("no shipped embedded model in this checkout")
+    if not HAS_CACHE_DIT and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("CI must measure cache-dit too: pip install -r requirements-bench.txt")
     out = tmp_path_factory.mktemp("frontier")
     result = run_frontier(out, *SMALL_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
