@@ -67,6 +67,10 @@ def test_every_method_form_starts_at_its_config_defaults(method):
     for parameter in parameters:
         assert parameter.default == getattr(defaults, parameter.name)
         assert isinstance(parameter.default, parameter.kind)
+        if parameter.kind is str:  # the page offers exactly the values the config accepts
+            assert parameter.default in parameter.choices
+            for choice in parameter.choices:
+                assert getattr(build_config(method, {parameter.name: choice}), parameter.name) == choice
     shown = {p.name for p in parameters}
     hidden = {f.name for f in fields(config_class)} - shown
     assert all(getattr(defaults, name) is None or isinstance(getattr(defaults, name), tuple) for name in hidden)
