@@ -30,7 +30,7 @@ INTERVAL = ORDER = None  # taylorseer / hicache interval, and their / h2-forecas
 TAU1 = TAU2 = None  # structure / detail thresholds (None: the method's; h2: 0.15 / 0.22, the authors' values)
 MAX_RUN = None  # h2-forecast: longest run of forecasts, a share of the steps (None: the method's default)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
-MODE = None  # official: a stage-1 hit forces stage 2 | independent: stage 2 judged alone (None: the method's)
+MODE = None  # official: a stage-1 hit forces stage 2 | independent: stage 2 judged alone | chained (h2-forecast)
 STEPS = None  # None: the model's default (50 for FLUX.1-dev, the embedded model's own)
 GUIDANCE = None  # None: the model's default (3.5 for FLUX.1-dev)
 HEIGHT = WIDTH = None  # None: the model's native size (1024 for FLUX.1-dev); multiples of 16
@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg(
         "--mode",
         default=MODE,
-        choices=["official", "independent"],
-        help="stage coupling",
-        shown="the method's: h2 official, h2-forecast independent",
+        choices=["official", "independent", "chained"],
+        help="stage coupling (chained: h2-forecast only)",
+        shown="the method's: h2 official, h2-forecast chained",
     )
     arg(
         "--no-pfs", dest="pfs", action="store_false", help="compare full residuals instead of PFS thumbnails (ablation)"

@@ -68,6 +68,10 @@ def h2cache_sweep(steps: int) -> list[BenchConfig]:
     ]
     out += [BenchConfig("H2-Forecast", "h2cache", "h2-forecast", params) for params in H2_FORECAST_SWEEP]
     out += [
+        BenchConfig("H2-Forecast (independent)", "h2cache", "h2-forecast", {**params, "mode": "independent"})
+        for params in H2_FORECAST_SWEEP[1::2]
+    ]
+    out += [
         BenchConfig("double FB cache (dbfcache)", "h2cache", "dbfcache", {"tau1": t1, "tau2": t2})
         for t1, t2 in ((0.05, 0.08), (0.1, 0.15), (0.15, 0.22), (0.25, 0.35))
     ]

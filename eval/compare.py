@@ -105,10 +105,7 @@ def method_parameters(method: str) -> list[Parameter]:
     polynomial belongs to the model; Block Cache's optional PFS divisor is off unless asked for in code.
     """
     from h2cache import METHODS
-    from h2cache.config import FORECAST_BASES, FORECAST_DISTANCES, H2_MODES
 
-    # a text field is a choice among the values its config validates against
-    text_choices = {"mode": H2_MODES, "distance": FORECAST_DISTANCES, "basis": FORECAST_BASES}
     config_class = METHODS[method][0]
     docs = field_docs(config_class)
     parameters = []
@@ -116,7 +113,7 @@ def method_parameters(method: str) -> list[Parameter]:
         default = field.default
         if default is MISSING or default is None or not isinstance(default, (bool, int, float, str)):
             continue
-        choices = text_choices.get(field.name)
+        choices = config_class.choices.get(field.name)
         if isinstance(default, str) and choices is None:
             raise TypeError(f"{config_class.__name__}.{field.name}: a text field the page has no choices for")
         parameters.append(Parameter(field.name, type(default), default, docs.get(field.name, ""), choices))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 H2_MODES = ("official", "independent")
 
@@ -21,7 +22,9 @@ def _check_divisor(owner: str, name: str, value) -> None:
 class MethodConfig:
     """Base of the method configurations: ``method`` names the method in ``h2cache.apply``."""
 
-    method: str = ""
+    method: ClassVar[str] = ""
+    # the values each text field accepts, for forms that offer them as a choice
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def to_dict(self) -> dict:
         return {"method": self.method, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -59,6 +62,7 @@ class H2CacheConfig(MethodConfig):
     """
 
     method = "h2"
+    choices = {"mode": H2_MODES}
     tau1: float = 0.15
     tau2: float = 0.22
     pool1: int = 2048
@@ -219,6 +223,7 @@ class HiCacheConfig(MethodConfig):
 
 FORECAST_BASES = ("taylor", "hermite")
 FORECAST_DISTANCES = ("forecast", "accumulated", "anchor")
+H2_FORECAST_MODES = (*H2_MODES, "chained")
 
 
 @dataclass
@@ -256,12 +261,17 @@ class H2ForecastConfig(MethodConfig):
             the step count is unknown, on a bare transformer).
         warmup (`int`, defaults to 2):
             Leading steps computed in full, so that the first forecast already has a first difference.
-        mode (`str`, defaults to "independent"):
-            "independent": each stage is judged on its own probe. "official": a stage-1 hit also forecasts stage 2
-            without judging it, as H2-Cache's code does.
+        mode (`str`, defaults to "chained"):
+            "chained": a stage-1 hit forecasts stage 2 whole, its probe included, so a step where both stages are
+            forecast runs one block (1 of FLUX.1's 57 instead of 2); stage 2 is judged on its probe when stage 1
+            computes, and also once it has reached ``max_run``. On the embedded model it computes 19% of the
+            blocks where "independent" computes 27%, at the same PSNR (50 steps, 0.3 / 0.3).
+            "independent": each stage is judged on its own probe at every step. "official": a stage-1 hit also
+            forecasts stage 2 without judging it, as H2-Cache's code does (its probe still runs).
     """
 
     method = "h2-forecast"
+    choices = {"mode": H2_FORECAST_MODES, "distance": FORECAST_DISTANCES, "basis": FORECAST_BASES}
     tau1: float = 0.3
     tau2: float = 0.3
     pool1: int = 2048
@@ -272,7 +282,7 @@ class H2ForecastConfig(MethodConfig):
     scale: float = 0.5
     max_run: float | None = 0.24
     warmup: int = 2
-    mode: str = "independent"
+    mode: str = "chained"
 
     def __post_init__(self):
         owner = "H2ForecastConfig"
@@ -289,8 +299,8 @@ class H2ForecastConfig(MethodConfig):
         if self.max_run is not None:
             _check_threshold(owner, "max_run", self.max_run)
         _check_count(owner, "warmup", self.warmup, 1)
-        if self.mode not in H2_MODES:
-            raise ValueError(f"{owner}.mode must be one of {H2_MODES}, got {self.mode!r}")
+        if self.mode not in H2_FORECAST_MODES:
+            raise ValueError(f"{owner}.mode must be one of {H2_FORECAST_MODES}, got {self.mode!r}")
 
 
 def _check_count(owner: str, name: str, value, minimum: int) -> None:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 MISS = "miss"  # the stage ran in full and its cache was refreshed
 HIT = "hit"  # the stage's probe was close enough: the cached residual replaced the rest of the stage
-FORCED = "forced"  # stage 2 reused because stage 1 hit (H2-Cache "official" mode); nothing was measured
+FORCED = "forced"  # stage 2 reused, unjudged, because stage 1 hit ("official" and "chained" modes)
 
 
 @dataclass

@@ -66,7 +66,8 @@ def test_benchmark_writes_every_output_atomically(frontier_run):
     assert sorted(p.name for p in out.iterdir()) == ["frontier.md", "frontier.png", "points.json"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = data["points"]
-    expected = {"H2-Cache (h2)", "H2-Forecast", "TeaCache", "diffusers FirstBlockCache", "diffusers MagCache"}
+    expected = {"H2-Cache (h2)", "H2-Forecast", "H2-Forecast (independent)", "TeaCache"}
+    expected |= {"diffusers FirstBlockCache", "diffusers MagCache"}
     if HAS_CACHE_DIT:
         expected |= {"cache-dit DBCache F1B0", "cache-dit DBCache F1B0 + TaylorSeer"}
     assert {p["family"] for p in points} == expected

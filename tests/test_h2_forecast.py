@@ -9,7 +9,7 @@ from test_backends import SPEC, traced_run, with_transformer
 import h2cache
 from h2cache.config import H2ForecastConfig
 from h2cache.methods.h2_forecast import H2Forecast, StageHistory
-from h2cache.trace import HIT, MISS, StageDecision
+from h2cache.trace import FORCED, HIT, MISS, StageDecision
 
 HITTING = {"tau1": 2.0, "tau2": 2.0, "max_run": 0.2}  # 3 of 16 steps, 2 of 10
 
@@ -30,7 +30,8 @@ def test_trace_has_h2_cache_keys_and_counts_what_ran(make_pipe, run):
     run(pipe, steps=4)
     h2_keys = {key for record in h2cache.stats(pipe) for key in record}
     counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
-    h2cache.apply(pipe, "h2-forecast", **HITTING)
+    # independent mode judges both probes at every step (the chained default is counted in its own test)
+    h2cache.apply(pipe, "h2-forecast", mode="independent", **HITTING)
     run(pipe, steps=16)
     trace = h2cache.stats(pipe)
     assert all(set(record) == h2_keys for record in trace)
@@ -125,21 +126,23 @@ def test_cfg_branches_keep_separate_histories(make_pipe, run):
     assert cond == uncond and len(cond) == 10 and any(d[1] == HIT for d in cond)
 
 
-def test_nunchaku_standins_make_the_diffusers_decisions(make_pipe, run, monkeypatch):
+@pytest.mark.parametrize("mode, stage2_forecast", [("independent", HIT), ("chained", FORCED)])
+def test_nunchaku_standins_make_the_diffusers_decisions(make_pipe, run, monkeypatch, mode, stage2_forecast):
     install_nunchaku_rotary_module(monkeypatch)
     pipe = make_pipe(SPEC)
-    expected, expected_trace = traced_run(pipe, run, "h2-forecast", **HITTING)
+    expected, expected_trace = traced_run(pipe, run, "h2-forecast", mode=mode, **HITTING)
     latents, trace = traced_run(
-        with_transformer(pipe, nunchaku_v2_standin(pipe.transformer)), run, "h2-forecast", **HITTING
+        with_transformer(pipe, nunchaku_v2_standin(pipe.transformer)), run, "h2-forecast", mode=mode, **HITTING
     )
     assert trace == expected_trace and any(r["stage1"] == HIT for r in trace)
     assert torch.equal(latents, expected)
     bf16 = make_pipe(SPEC).to(torch.bfloat16)
-    expected, expected_trace = traced_run(bf16, run, "h2-forecast", **HITTING)
+    expected, expected_trace = traced_run(bf16, run, "h2-forecast", mode=mode, **HITTING)
     latents, trace = traced_run(
-        with_transformer(bf16, nunchaku_v1_standin(bf16.transformer)), run, "h2-forecast", **HITTING
+        with_transformer(bf16, nunchaku_v1_standin(bf16.transformer)), run, "h2-forecast", mode=mode, **HITTING
     )
-    assert trace == expected_trace and any(r["stage2"] == HIT for r in trace)
+    assert trace == expected_trace
+    assert any(r["stage2"] == stage2_forecast for r in trace)
     assert torch.equal(latents, expected)
 
 
@@ -150,6 +153,48 @@ def test_official_mode_forecasts_stage_two_whenever_stage_one_hits(make_pipe, ru
     trace = h2cache.stats(pipe)
     assert any(r["stage1"] == HIT for r in trace)
     assert all(r["stage2"] == "forced" and r["d2"] is None for r in trace if r["stage1"] == HIT)
+
+
+def test_chained_mode_runs_only_the_structure_probe_when_both_stages_are_forecast(make_pipe, run):
+    pipe = make_pipe()
+    h2cache.apply(pipe, "h2-forecast", mode="independent", **HITTING)
+    run(pipe, steps=16)
+    independent_blocks = sum(r["double_blocks_run"] + r["single_blocks_run"] for r in h2cache.stats(pipe))
+    counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
+    h2cache.apply(pipe, "h2-forecast", mode="chained", **HITTING)
+    run(pipe, steps=16)
+    trace = h2cache.stats(pipe)
+    chained = [r for r in trace if r["stage2"] == FORCED]
+    assert chained and all(r["stage1"] == HIT and r["single_blocks_run"] == 0 and r["d2"] is None for r in chained)
+    assert all(r["stage2"] != FORCED for r in trace if r["stage1"] != HIT)
+    assert counts["single"] == sum(r["single_blocks_run"] for r in trace)
+    assert sum(r["double_blocks_run"] + r["single_blocks_run"] for r in trace) < independent_blocks
+    # the cap holds for stage 2 too: however it was forecast, never four times in a row
+    forecasts = "".join("f" if r["stage2"] in (HIT, FORCED) else "c" for r in trace)
+    assert "ffff" not in forecasts
+
+
+def test_chained_mode_keeps_the_whole_stage_residual_beside_the_rest(make_pipe, run):
+    residuals = recorded_stage_residuals(make_pipe, run)
+    method = H2Forecast(H2ForecastConfig(order=1, mode="chained"))
+    history = StageHistory()
+    probe_residual = [0.5 * r for r in residuals]  # what the stage's first block added, the rest adds the recording
+    for step in (0, 2):
+        stage_input = torch.zeros_like(residuals[step])
+        probe_output = stage_input + probe_residual[step]
+        method.advance(
+            history,
+            StageDecision(MISS),
+            probe_output,
+            torch.zeros(2, 1),
+            step,
+            lambda h, r=residuals[step]: h + r,
+            stage_input=stage_input,
+        )
+    whole = [probe_residual[s] + residuals[s] for s in (0, 2)]
+    torch.testing.assert_close(history.whole_differences[0], whole[1])
+    torch.testing.assert_close(history.whole_differences[1], (whole[1] - whole[0]) / 2)
+    torch.testing.assert_close(history.differences[0], residuals[2])
 
 
 @pytest.mark.parametrize(

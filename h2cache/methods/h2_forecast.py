@@ -8,7 +8,8 @@ compared with earlier ones. Unlike H2-Cache:
     thumbnail it really has; alternatives are TeaCache's accumulated step-to-step distance and H2-Cache's anchor;
   - a reused stage adds a forecast of its remaining blocks' residual, extrapolated from the stage's last full
     computations with ``forecast.py``'s finite differences (TaylorSeer) or scaled Hermite basis (HiCache);
-  - stage 2 is judged on its own probe even when stage 1 hit (``mode="official"`` restores the forced reuse);
+  - stage 2 is judged on its own probe even when stage 1 hit (``mode="official"`` restores the forced reuse;
+    ``mode="chained"`` forecasts stage 2 whole after a stage-1 hit, probe included, so such a step runs one block);
   - the first ``warmup`` steps are computed, and a stage is recomputed after ``max_run`` (a share of the call's
     steps) forecasts in a row.
 
@@ -45,6 +46,7 @@ class StageHistory:
     hits_in_row: int = 0
 
     probe_differences: list = field(default_factory=list)  # the same for the probe's thumbnail
+    whole_differences: list = field(default_factory=list)  # the same for the whole stage, probe included (chained)
 
     def distance(self, summary: torch.Tensor, kind: str, step: int, coefficient) -> torch.Tensor | None:
         """Per-sample distance of this step's probe, or None when there is nothing comparable yet."""
@@ -86,13 +88,28 @@ class H2Forecast(CacheMethod):
         )
 
         joint = run.enter_single(streams)
+        chained = config.mode == "chained"
+        if chained and stage1.decision == HIT and not self.capped(state.detail, run.num_steps):
+            # nothing of stage 2 runs, so there is no thumbnail: the next judged step compares with the last one
+            state.detail.hits_in_row += 1
+            elapsed = run.step_index - state.detail.computed_steps[-1]
+            joint = add_residual(joint, extrapolate(state.detail.whole_differences, elapsed, self.coefficient))
+            return run.leave_single(joint), stage1, StageDecision(FORCED)
         probe = run.single_blocks(joint, 0, 1)
         summary2 = summarize(run.single_tokens(probe) - run.single_tokens(joint), config.pool2)
         if stage1.decision == HIT and config.mode == "official":
             stage2 = StageDecision(FORCED)
         else:
             stage2 = self.judge(state.detail, summary2, config.tau2, run.step_index, run.num_steps)
-        joint = self.advance(state.detail, stage2, probe, summary2, run.step_index, lambda h: run.single_blocks(h, 1))
+        joint = self.advance(
+            state.detail,
+            stage2,
+            probe,
+            summary2,
+            run.step_index,
+            lambda h: run.single_blocks(h, 1),
+            stage_input=joint if chained else None,
+        )
         return run.leave_single(joint), stage1, stage2
 
     def judge(self, history: StageHistory, summary, threshold: float, step: int, num_steps=None) -> StageDecision:
@@ -102,20 +119,31 @@ class H2Forecast(CacheMethod):
         distances = history.distance(summary, self.config.distance, step, self.coefficient)
         if distances is None:
             return StageDecision(MISS)
-        capped = (
-            self.config.max_run is not None
-            and num_steps is not None
-            and history.hits_in_row >= max(1, math.floor(self.config.max_run * num_steps + 1e-9))
-        )
-        hit = step >= self.config.warmup and not capped and bool((distances < threshold).all())
+        hit = step >= self.config.warmup and not self.capped(history, num_steps) and bool((distances < threshold).all())
         if hit:
             history.accumulated = distances
         return StageDecision(HIT if hit else MISS, float(distances.max()))
 
+    def capped(self, history: StageHistory, num_steps: int | None) -> bool:
+        """Whether the stage has been forecast ``max_run`` (a share of the call's steps) times in a row."""
+        if self.config.max_run is None or num_steps is None:
+            return False
+        return history.hits_in_row >= max(1, math.floor(self.config.max_run * num_steps + 1e-9))
+
     def advance(
-        self, history: StageHistory, decision: StageDecision, probe_output: StageState, summary, step, run_rest
+        self,
+        history: StageHistory,
+        decision: StageDecision,
+        probe_output: StageState,
+        summary,
+        step,
+        run_rest,
+        stage_input: StageState | None = None,
     ):
-        """Add the forecast residual on a (forced) hit; on a miss run the rest and refresh the differences."""
+        """Add the forecast residual on a (forced) hit; on a miss run the rest and refresh the differences.
+
+        With ``stage_input`` the differences of the whole stage's residual are kept too (``mode="chained"``).
+        """
         history.previous = summary
         if decision.decision != MISS:
             history.hits_in_row += 1
@@ -126,6 +154,9 @@ class H2Forecast(CacheMethod):
         order = self.config.order
         history.differences = refreshed_differences(history.differences, residual(output, probe_output), spacing, order)
         history.probe_differences = refreshed_differences(history.probe_differences, summary, spacing, order)
+        if stage_input is not None:
+            whole = residual(output, stage_input)
+            history.whole_differences = refreshed_differences(history.whole_differences, whole, spacing, order)
         history.computed_steps.append(step)
         history.anchor = summary
         history.accumulated = torch.zeros(summary.shape[0], device=summary.device)
