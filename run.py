@@ -16,6 +16,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from h2cache.config import H2_FORECAST_MODES
 from h2cache.generate import check_call_values
 from h2cache.models import parse_lora
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(
         "--mode",
         default=MODE,
-        choices=["official", "independent", "chained"],
+        choices=H2_FORECAST_MODES,
         help="stage coupling (chained: h2-forecast only)",
         shown="the method's: h2 official, h2-forecast chained",
     )

@@ -91,9 +91,7 @@ class H2Forecast(CacheMethod):
         chained = config.mode == "chained"
         if chained and stage1.decision == HIT and not self.capped(state.detail, run.num_steps):
             # nothing of stage 2 runs, so there is no thumbnail: the next judged step compares with the last one
-            state.detail.hits_in_row += 1
-            elapsed = run.step_index - state.detail.computed_steps[-1]
-            joint = add_residual(joint, extrapolate(state.detail.whole_differences, elapsed, self.coefficient))
+            joint = self.forecast(state.detail, state.detail.whole_differences, joint, run.step_index)
             return run.leave_single(joint), stage1, StageDecision(FORCED)
         probe = run.single_blocks(joint, 0, 1)
         summary2 = summarize(run.single_tokens(probe) - run.single_tokens(joint), config.pool2)
@@ -146,9 +144,7 @@ class H2Forecast(CacheMethod):
         """
         history.previous = summary
         if decision.decision != MISS:
-            history.hits_in_row += 1
-            distance = step - history.computed_steps[-1]
-            return add_residual(probe_output, self.forecast(history, distance))
+            return self.forecast(history, history.differences, probe_output, step)
         output = run_rest(probe_output)
         spacing = step - history.computed_steps[-1] if history.computed_steps else 1
         order = self.config.order
@@ -163,5 +159,7 @@ class H2Forecast(CacheMethod):
         history.hits_in_row = 0
         return output
 
-    def forecast(self, history: StageHistory, distance: int) -> StageState:
-        return extrapolate(history.differences, distance, self.coefficient)
+    def forecast(self, history: StageHistory, differences: list, stage_state: StageState, step: int) -> StageState:
+        """One more forecast in a row: add the residual extrapolated from ``differences`` to ``stage_state``."""
+        history.hits_in_row += 1
+        return add_residual(stage_state, extrapolate(differences, step - history.computed_steps[-1], self.coefficient))
