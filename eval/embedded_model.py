@@ -79,6 +79,7 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
 
 def save_grid(images: list[Image.Image], path: Path, columns: int = 10):
     side = images[0].width
+    columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     grid = Image.new("RGB", (columns * side, rows * side), "white")
     for index, image in enumerate(images):

@@ -143,7 +143,6 @@ def test_plain_call_uses_the_model_defaults_and_explicit_arguments_win(pipe):
     assert np.asarray(plain).tobytes() != np.asarray(padded).tobytes()
 
 
-@needs_the_retrained_model
 def test_from_pretrained_draws_with_the_arguments_the_readme_names():
     from diffusers import FluxPipeline
 
