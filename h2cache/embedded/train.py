@@ -92,7 +92,9 @@ DECODER_LATENT_NOISE = 0.05
 
 FLOW_STEPS = 2400
 FLOW_BATCH = 32
-FLOW_LR = 1e-3
+# 2e-3: with 1e-3 the 57-block stack drew the named colour in 59% of the images after 2,400 steps; at 2e-3 a
+# scratch run of this recipe reached 66% by step 1,000 (position 94%, as the 1e-3 run's final).
+FLOW_LR = 2e-3
 # Flow steps trained on full captions only, before half of each batch turns partial (the curriculum above).
 FULL_CAPTION_STEPS = 1400
 WARMUP_STEPS = 200
