@@ -6,8 +6,9 @@ Draws ``count`` grammar captions (from a prompt seed of its own; half name all f
 subset, as people write) and samples each with a fresh generation seed (training derives its noise from small seeds
 through a different formula, so these seeds were never trained on) by a plain ``pipe(prompt, generator=...)`` call:
 the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the
-images whose caption names it in which ``eval/checker.py`` finds it, the fraction with every named attribute right,
-and the seconds per image; writes the samples as a grid to ``assets/embedded_samples.png``.
+images whose caption names it in which ``eval/checker.py`` finds it (overall, and for the full and the partial half
+apart), the fraction with every named attribute right, and the seconds per image; writes the samples as a grid to
+``assets/embedded_samples.png`` (``--grid`` elsewhere).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def evaluation_prompts(count: int) -> list[str]:
     return prompts
 
 
+def _accuracy(verdicts: list[dict]) -> dict:
+    """Per attribute, the fraction of the verdicts naming it that found it (None where no caption names it)."""
+    found = {attribute: [v[attribute] for v in verdicts if attribute in v] for attribute in ATTRIBUTES}
+    return {attribute: float(np.mean(values)) if values else None for attribute, values in found.items()}
+
+
 def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, list[Image.Image]]:
     pipe = load_folder(folder)
     call = {} if steps is None else {"num_inference_steps": steps}
@@ -59,9 +66,9 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
     seconds_per_image = (time.perf_counter() - started) / count
     report = {
         "images": count,
-        "accuracy": {
-            attribute: float(np.mean([v[attribute] for v in verdicts if attribute in v])) for attribute in ATTRIBUTES
-        },
+        "accuracy": _accuracy(verdicts),
+        "accuracy_full_captions": _accuracy(verdicts[0::2]),
+        "accuracy_partial_captions": _accuracy(verdicts[1::2]),
         "named": {attribute: sum(attribute in v for v in verdicts) for attribute in ATTRIBUTES},
         "all_named_attributes": float(np.mean([all(v.values()) for v in verdicts])),
         "seconds_per_image": seconds_per_image,
@@ -72,6 +79,7 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
 
 def save_grid(images: list[Image.Image], path: Path, columns: int = 10):
     side = images[0].width
+    columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     grid = Image.new("RGB", (columns * side, rows * side), "white")
     for index, image in enumerate(images):

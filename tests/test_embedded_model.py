@@ -143,7 +143,6 @@ def test_plain_call_uses_the_model_defaults_and_explicit_arguments_win(pipe):
     assert np.asarray(plain).tobytes() != np.asarray(padded).tobytes()
 
 
-@needs_the_retrained_model
 def test_from_pretrained_draws_with_the_arguments_the_readme_names():
     from diffusers import FluxPipeline
 
@@ -256,3 +255,15 @@ def test_tokenizers_know_every_grammar_word(pipe):
             assert tokenizer.unk_token_id not in tokenizer(scene.caption()).input_ids
     longest_caption = max(len(scene.caption().split()) for scene in all_descriptions())
     assert longest_caption <= pipe.h2cache_call_defaults["max_sequence_length"]
+
+
+def test_evaluator_reports_full_and_partial_captions_apart(tmp_path):
+    grid = tmp_path / "grid.png"
+    command = [sys.executable, "-m", "eval.embedded_model", "--count", "4", "--steps", "2", "--threads", "1"]
+    result = subprocess.run([*command, "--grid", str(grid)], cwd=ROOT, capture_output=True, text=True, check=True)
+    report, _ = json.JSONDecoder().raw_decode(result.stdout)
+    full, partial = report["accuracy_full_captions"], report["accuracy_partial_captions"]
+    assert all(full[attribute] is not None for attribute in ATTRIBUTES)  # a full caption names every attribute
+    assert sum(report["named"].values()) < 4 * len(ATTRIBUTES)  # the odd prompts leave some out
+    assert set(partial) == set(ATTRIBUTES) and report["images"] == 4
+    assert Image.open(grid).size == (4 * 64, 64)

@@ -69,8 +69,15 @@ def test_prompt_files_of_every_kind(tmp_path):
     assert load_prompts("grammar:3") == grammar
 
 
-def test_quick_reproduction_prints_the_four_row_table_and_resumes_without_regenerating(tmp_path):
-    result = run_exper("--quick", "--out", str(tmp_path))
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One single-process ``run_exper.sh --quick``: what the reproduction and the two-process tests start from."""
+    out = tmp_path_factory.mktemp("quick-one")
+    return run_exper("--quick", "--out", str(out)), out
+
+
+def test_quick_reproduction_prints_the_four_row_table_and_resumes_without_regenerating(quick_run):
+    result, tmp_path = quick_run
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0].strip("| ") for row in table] == list(QUICK_ROWS)
@@ -87,12 +94,12 @@ def test_quick_reproduction_prints_the_four_row_table_and_resumes_without_regene
     assert {p: p.stat().st_mtime_ns for p in (folder / "images").rglob("*.png")} == before
 
 
-def test_two_processes_give_the_results_of_one(tmp_path):
-    one = run_exper("--quick", "--out", str(tmp_path / "one"))
+def test_two_processes_give_the_results_of_one(quick_run, tmp_path):
+    one, one_folder = quick_run
     two = run_exper("--quick", "--processes", "2", "--out", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert f"process 1: generated {3 * len(QUICK_ROWS)} image(s)" in two.stdout
-    first, second = snapshot(tmp_path / "one" / "quick"), snapshot(tmp_path / "two" / "quick")
+    first, second = snapshot(one_folder / "quick"), snapshot(tmp_path / "two" / "quick")
     assert first.keys() == second.keys() and len(first) == 2 * 6 * len(QUICK_ROWS)
     for key, value in first.items():
         if isinstance(value, bytes):

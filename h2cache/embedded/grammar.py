@@ -14,7 +14,8 @@ Grammar (every attribute is optional; 1,728 distinct captions, 450 of them namin
 
 e.g. "a small red circle on the left against a white background", "a red circle", "a square at the top", "a shape".
 An attribute the caption leaves out is drawn at random: the model learns the whole conditional distribution, as
-people write prompts (training names each attribute with probability ``1 - ATTRIBUTE_DROPOUT``).
+people write prompts (a partial training caption names each attribute with probability ``1 - ATTRIBUTE_DROPOUT``;
+``train.py`` says when training uses partial captions).
 
 Why this design:
 
@@ -80,7 +81,7 @@ EXTENT_JITTER = 2 / 64
 SUPERSAMPLING = 4
 
 ATTRIBUTES = ("size", "colour", "shape", "position", "background")
-# Probability that a training caption leaves an attribute out (each independently): about 17% of the captions still
+# Probability that a partial training caption leaves an attribute out (each independently): about 17% of them still
 # name all five, and every subset is seen.
 ATTRIBUTE_DROPOUT = 0.3
 UNNAMED_SHAPE_WORD = "shape"

@@ -21,8 +21,14 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
      blocks begins as the identity and learns its gates first. From the default initialisation the deep, narrow
      stack learned the captions far more slowly (at 1,200 steps its raw weights drew the named position in 20% of
      the images and the named colour in 41%).
-   * Captions name each attribute with probability 0.7 (``grammar.ATTRIBUTE_DROPOUT``); a left-out attribute is
-     still drawn in the picture, at random, so "a red circle" and "a shape" draw as well as full captions.
+   * Captions: full ones first, partial ones late (a curriculum). For the first ``FULL_CAPTION_STEPS`` every
+     caption names all five attributes; afterwards half of each batch names each attribute with probability 0.7
+     (``grammar.ATTRIBUTE_DROPOUT``), a left-out attribute still drawn in the picture at random, so "a red circle"
+     and "a shape" draw too. Partial captions from the start kept colour, shape and position at chance: a caption
+     that leaves attributes out has a blurred average as its target, which teaches the words far more slowly than
+     the sharp target of a full caption (at 500 steps of a 4 + 8-block scratch model, full captions drew the named
+     colour in 41% of the images and the position in 85%; captions with dropout 16-19% and 12-33%). Words first,
+     then what an unnamed attribute means.
    * Timesteps: ``t = sigmoid(n), n ~ N(0, 1)`` (SD3/FLUX logit-normal). The scheduler keeps its default config
      (``use_dynamic_shifting=False``, ``shift=1``), so FluxPipeline's ``mu`` is ignored and it samples the unshifted
      sigmas ``linspace(1, 1/N, N)``; the logit-normal weighting covers that whole range, densest mid-way.
@@ -87,17 +93,23 @@ DECODER_LATENT_NOISE = 0.05
 FLOW_STEPS = 2400
 FLOW_BATCH = 32
 FLOW_LR = 1e-3
+# Flow steps trained on full captions only, before half of each batch turns partial (the curriculum above).
+FULL_CAPTION_STEPS = 1400
 WARMUP_STEPS = 200
 EMA_DECAY = 0.999
 CHECKPOINT_EVERY = 200
 
 
-def _image_batch(seed: int, phase: int, step: int, count: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    """``count`` grammar pictures in [-1, 1] (NCHW) and their captions, fixed by (seed, phase, step)."""
+def _image_batch(
+    seed: int, phase: int, step: int, count: int, size: int, partial: int = 0
+) -> tuple[torch.Tensor, list[str]]:
+    """``count`` grammar pictures in [-1, 1] (NCHW) and their captions, fixed by (seed, phase, step); the last
+    ``partial`` captions leave attributes out (the pictures do not depend on it)."""
     rng = np.random.default_rng([seed, phase, step])
     pictures, captions = [], []
-    for _ in range(count):
-        picture, caption = sample(rng, size, dropout=ATTRIBUTE_DROPOUT)
+    for index in range(count):
+        dropout = ATTRIBUTE_DROPOUT if index >= count - partial else 0.0
+        picture, caption = sample(rng, size, dropout=dropout)
         pictures.append(np.asarray(picture))
         captions.append(caption)
     pixels = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float()
@@ -284,7 +296,8 @@ class Trainer:
         )
         for step in progress:
             _set_learning_rate(optimizer, FLOW_LR, step, FLOW_STEPS)
-            pixels, captions = _image_batch(self.seed, 2, step, FLOW_BATCH, size)
+            partial = 0 if step < FULL_CAPTION_STEPS else FLOW_BATCH // 2
+            pixels, captions = _image_batch(self.seed, 2, step, FLOW_BATCH, size, partial)
             generator = _torch_generator(self.seed, 2, step)
             with torch.no_grad():
                 clean = (self.vae.encode(pixels).latent_dist.mode() - shift) * scale
