@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from frontier import PSNR_LEVELS, format_table, lowest_at, pareto  # noqa: E402
+from frontier import FLUX_DOUBLE, FLUX_SINGLE, PSNR_LEVELS, format_table, lowest_at, pareto  # noqa: E402
 
 EMBEDDED = ROOT / "h2cache" / "embedded" / "tiny-flux"
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
@@ -84,7 +84,7 @@ def test_benchmark_writes_every_output_atomically(frontier_run):
     # a probe-based cache's hit costs 1 of the model's double (single) blocks, 1 of 19 (38) once FLUX.1-costed: the
     # same share on a model with FLUX.1's block counts, a smaller one on a shallower model
     h2_points = [p for p in points if p["family"] == "H2-Cache (h2)"]
-    if data["run"]["blocks"] == [19, 38]:
+    if data["run"]["blocks"] == [FLUX_DOUBLE, FLUX_SINGLE]:
         assert all(p["flux_costed"] == pytest.approx(p["blocks"]) for p in h2_points)
     else:
         assert all(p["flux_costed"] < p["blocks"] for p in h2_points)
