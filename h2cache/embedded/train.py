@@ -52,8 +52,9 @@ thread count, so that is part of reproducing the weights; and torch's multi-thre
 over when anything else computes on the same cores). Measured wall times are recorded in ``h2cache_embedded.json``.
 
 The pipeline folder (``OUT/tiny-flux``, with ``h2cache_embedded.json`` giving native size, sequence length, step
-count, guidance and the training record) is rewritten at every flow checkpoint, so a run stopped early still leaves a
-loadable model. Copy it to ``h2cache/embedded/tiny-flux`` to ship it. Training is never part of CI.
+count, guidance and the training record) is rewritten at every checkpoint of the grown model, so a run stopped in
+that stage still leaves a loadable 19 + 38-block model. Copy it to ``h2cache/embedded/tiny-flux`` to ship it.
+Training is never part of CI.
 """
 
 from __future__ import annotations
