@@ -40,9 +40,13 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
    * Timesteps: ``t = sigmoid(n), n ~ N(0, 1)`` (SD3/FLUX logit-normal). The scheduler keeps its default config
      (``use_dynamic_shifting=False``, ``shift=1``), so FluxPipeline's ``mu`` is ignored and it samples the unshifted
      sigmas ``linspace(1, 1/N, N)``; the logit-normal weighting covers that whole range, densest mid-way.
-   * Guidance: the model embeds a guidance value as FLUX.1-dev does, but there is no teacher to distil
-     classifier-free guidance from, so training draws it uniformly from [1, 5]; the model learns to ignore it, and
-     any ``guidance_scale`` a caller passes in that range draws the same kind of picture.
+   * Guidance, distilled as in FLUX.1-dev. The shallow model is trained with a random guidance value that it
+     learns to ignore. The distillation's target is the shallow model's classifier-free guidance, ``v_u + g (v_c -
+     v_u)`` with the caption naming nothing ("a shape") as the unconditional one and ``g`` drawn from
+     ``DISTIL_GUIDANCE_RANGE`` and fed to the guidance embedding; so ``guidance_scale`` in a plain call of the
+     19 + 38-block model means what CFG at that scale means, at the cost of one pass per step. CFG is what makes
+     partial captions draw: on a 4 + 8-block model (96 channels) at 28 steps, the images with every named attribute
+     right went from 42% without guidance to 78-80% at scales 1.5-2 (colour / shape / position 84 / 88 / 97%).
    The exported transformer is an exponential moving average of the trained weights (smoother samples).
 3. **Sharper decoder** (``OUT/decoder.pt``), in a second process at the same time as phase 2: it needs only phase
    1's frozen encoder (and so the latent space the flow model learns). The decoder alone trains further on exact
@@ -92,8 +96,10 @@ from .grammar import (
 
 EMBEDDED_SPEC = replace(BUILT_SPEC, vocabulary=VOCABULARY)
 DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 3.5
+DEFAULT_GUIDANCE = 2.0
 GUIDANCE_RANGE = (1.0, 5.0)
+# The caption that names no attribute: the unconditional one of classifier-free guidance.
+NOTHING_NAMED = Scene().caption()
 
 VAE_STEPS = 800
 VAE_BATCH = 16
@@ -121,6 +127,8 @@ FULL_CAPTION_STEPS = 4000
 DISTIL_STEPS = 300
 DISTIL_BATCH = 32
 DISTIL_LR = 1e-3
+# Guidance values the distilled model learns (see the module docstring).
+DISTIL_GUIDANCE_RANGE = (1.0, 3.0)
 # Pictures encoded once for phase 2 (each is seen about 11 times, with fresh noise, timestep and caption dropout).
 LATENT_POOL = 40_000
 WARMUP_STEPS = 200
@@ -174,6 +182,25 @@ def _train_step(optimizer, parameters, loss: torch.Tensor):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
     optimizer.step()
+
+
+def _guided_velocity(teacher, inputs: dict, unconditional: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The teacher's velocity under classifier-free guidance, ``v_u + g (v_c - v_u)``, at each sample's guidance
+    value ``g`` (``inputs["guidance"]``, meant for the student); the caption that names nothing ("a shape") is the
+    unconditional one. The teacher itself sees the middle of the guidance range it was trained to ignore."""
+    sequence, pooled = unconditional
+    batch = len(inputs["hidden_states"])
+    teacher_inputs = {**inputs, "guidance": torch.full((batch,), sum(GUIDANCE_RANGE) / 2)}
+    with torch.no_grad():
+        conditional = teacher(**teacher_inputs)[0]
+        free = teacher(
+            **{
+                **teacher_inputs,
+                "encoder_hidden_states": sequence.expand(batch, -1, -1),
+                "pooled_projections": pooled.expand(batch, -1),
+            }
+        )[0]
+    return free + inputs["guidance"][:, None, None] * (conditional - free)
 
 
 def _with_depth(transformer, num_double: int, num_single: int, seed: int):
@@ -442,8 +469,9 @@ class Trainer:
     ):
         """Rectified flow on ``transformer`` for ``steps`` (resumed from ``path``); returns its EMA and state.
 
-        With a ``teacher`` the target is the teacher's velocity for the same input instead of ``noise - clean``:
-        an exact target (no noise left in it), which a model that starts close to the teacher matches quickly."""
+        With a ``teacher`` the target is the teacher's classifier-free-guided velocity for the same input (at each
+        sample's guidance value, ``_guided_velocity``) instead of ``noise - clean``: an exact target (no noise left
+        in it), which a model that starts close to the teacher matches quickly."""
         ema = copy.deepcopy(transformer).requires_grad_(False)
         optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
         state = _load(path) or {"step": 0, "seconds": 0.0}
@@ -464,7 +492,8 @@ class Trainer:
             generator = _torch_generator(self.seed, phase, step)
             noise = torch.randn(clean.shape, generator=generator)
             t = torch.sigmoid(torch.randn(batch, generator=generator))
-            guidance = torch.empty(batch).uniform_(*GUIDANCE_RANGE, generator=generator)
+            guidance_range = GUIDANCE_RANGE if teacher is None else DISTIL_GUIDANCE_RANGE
+            guidance = torch.empty(batch).uniform_(*guidance_range, generator=generator)
             noisy = (1 - t[:, None, None]) * clean + t[:, None, None] * noise
             inputs = dict(
                 hidden_states=noisy,
@@ -479,8 +508,7 @@ class Trainer:
             if teacher is None:
                 target = noise - clean
             else:
-                with torch.no_grad():
-                    target = teacher(**inputs)[0]
+                target = _guided_velocity(teacher, inputs, prompts[NOTHING_NAMED])
             loss = (transformer(**inputs)[0] - target).pow(2).mean()
             _train_step(optimizer, transformer.parameters(), loss)
             with torch.no_grad():
