@@ -7,8 +7,8 @@ subset, as people write) and samples each with a fresh generation seed (training
 through a different formula, so these seeds were never trained on) by a plain ``pipe(prompt, generator=...)`` call:
 the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the
 images whose caption names it in which ``eval/checker.py`` finds it (overall, and for the full and the partial half
-apart), the fraction with every named attribute right, and the seconds per image; writes the samples as a grid to
-``assets/embedded_samples.png`` (``--grid`` elsewhere).
+apart), the fraction with every named attribute right, the seconds per image, and how evenly the blocks work
+(``block_activity``); writes the samples as a grid to ``assets/embedded_samples.png`` (``--grid`` elsewhere).
 """
 
 from __future__ import annotations
@@ -52,6 +52,35 @@ def _accuracy(verdicts: list[dict]) -> dict:
     return {attribute: float(np.mean(values)) if values else None for attribute, values in found.items()}
 
 
+def block_activity(pipe, prompts: list[str], steps: int = 10) -> dict[str, list[float]]:
+    """Per stage, how much each block changes the image stream: ``||out - in|| / ||in||``, the mean over the steps
+    of one seeded call per prompt. In FLUX.1 every block works; a block near 0 is idle, and a cache would skip it
+    for free, so cache measurements on such a model would flatter every method."""
+    stages = {"double": pipe.transformer.transformer_blocks, "single": pipe.transformer.single_transformer_blocks}
+    changes = {stage: [[] for _ in blocks] for stage, blocks in stages.items()}
+
+    def record(stage, index):
+        def hook(module, args, kwargs, output):
+            before = kwargs["hidden_states"]
+            after = output[1]  # diffusers' FLUX blocks return (text stream, image stream)
+            changes[stage][index].append(((after - before).norm() / before.norm()).item())
+
+        return hook
+
+    handles = [
+        block.register_forward_hook(record(stage, index), with_kwargs=True)
+        for stage, blocks in stages.items()
+        for index, block in enumerate(blocks)
+    ]
+    try:
+        for index, prompt in enumerate(prompts):
+            generate(pipe, prompt, FIRST_GENERATION_SEED + index, num_inference_steps=steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {stage: [float(np.mean(values)) for values in per_block] for stage, per_block in changes.items()}
+
+
 def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, list[Image.Image]]:
     pipe = load_folder(folder)
     call = {} if steps is None else {"num_inference_steps": steps}
@@ -72,6 +101,10 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
         "named": {attribute: sum(attribute in v for v in verdicts) for attribute in ATTRIBUTES},
         "all_named_attributes": float(np.mean([all(v.values()) for v in verdicts])),
         "seconds_per_image": seconds_per_image,
+        # Per stage, the least active block's change relative to the stage's mean (FLUX.1-like: well above 0).
+        "block_activity": {
+            stage: min(values) / float(np.mean(values)) for stage, values in block_activity(pipe, prompts[:2]).items()
+        },
         "call": dict(pipe.h2cache_call_defaults, **call),
     }
     return report, images

@@ -20,6 +20,7 @@ from PIL import Image
 
 import h2cache
 from eval.checker import check, read_attributes
+from eval.embedded_model import block_activity
 from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, load_folder
 from h2cache.embedded.grammar import (
     ATTRIBUTES,
@@ -175,6 +176,14 @@ def test_architecture_has_flux1_block_counts(pipe):
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
+def test_every_block_of_the_shipped_model_works(pipe):
+    # FLUX.1's blocks all change their input; a model whose computation sat in a few of its blocks (idle ones
+    # between) would let every cache skip work for free.
+    activity = block_activity(pipe, [SAMPLE_SCENES[0].caption(), "a blue square"], steps=4)
+    for stage, changes in activity.items():
+        assert min(changes) >= 0.1 * np.mean(changes), (stage, changes)
+
+
 def test_call_without_size_draws_at_native_size(pipe):
     native_size = json.loads((SHIPPED_FOLDER / CALL_DEFAULTS_FILE).read_text())["native_size"]
     prompt = SAMPLE_SCENES[1].caption()
@@ -266,4 +275,5 @@ def test_evaluator_reports_full_and_partial_captions_apart(tmp_path):
     assert all(full[attribute] is not None for attribute in ATTRIBUTES)  # a full caption names every attribute
     assert sum(report["named"].values()) < 4 * len(ATTRIBUTES)  # the odd prompts leave some out
     assert set(partial) == set(ATTRIBUTES) and report["images"] == 4
+    assert set(report["block_activity"]) == {"double", "single"}
     assert Image.open(grid).size == (4 * 64, 64)

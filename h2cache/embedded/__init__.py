@@ -26,11 +26,13 @@ def shipped_model_available() -> bool:
 
 def load_folder(folder: str | Path):
     """Load an embedded-model diffusers folder offline and apply its recorded call defaults."""
+    import torch
     from diffusers import FluxPipeline
 
     folder = Path(folder)
-    # The weights are stored in float32, the dtype every CPU test compares in.
-    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    # Float32, the dtype every CPU test compares in (the training script stores the transformer in float16 to fit
+    # 25 MB; diffusers loads it back as float32 by default as well).
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     defaults = json.loads((folder / CALL_DEFAULTS_FILE).read_text())
     call_defaults = {
         key: defaults[key]
