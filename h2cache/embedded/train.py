@@ -231,18 +231,25 @@ def _grow(shallow, deep):
     """
     shared = {key: value for key, value in shallow.state_dict().items() if not key.startswith(_BLOCK_LISTS)}
     deep.load_state_dict(shared, strict=False)
-    for shallow_blocks, deep_blocks, modulations, gates in (
-        (shallow.transformer_blocks, deep.transformer_blocks, ("norm1", "norm1_context"), _DOUBLE_GATES),
-        (shallow.single_transformer_blocks, deep.single_transformer_blocks, ("norm",), _SINGLE_GATES),
+    for shallow_blocks, deep_blocks, gates in (
+        (shallow.transformer_blocks, deep.transformer_blocks, _DOUBLE_GATES),
+        (shallow.single_transformer_blocks, deep.single_transformer_blocks, _SINGLE_GATES),
     ):
         n, m = len(deep_blocks), len(shallow_blocks)
         for j, block in enumerate(shallow_blocks):
             run = range(j * n // m, (j + 1) * n // m)
             for index in run:
                 deep_blocks[index].load_state_dict(block.state_dict())
-                for name in modulations:
-                    _scale_gates(getattr(deep_blocks[index], name).linear, gates, 1 / len(run))
+                for modulation in _modulations(deep_blocks[index]):
+                    _scale_gates(modulation, gates, 1 / len(run))
     return deep
+
+
+def _modulations(block) -> list:
+    """A block's adaLN modulation layers: one per stream in a double-stream block, one in a single-stream block."""
+    if hasattr(block, "norm1_context"):
+        return [block.norm1.linear, block.norm1_context.linear]
+    return [block.norm.linear]
 
 
 # Where the gates sit among the chunks of a block's adaLN output: (number of chunks, gate chunk indices), in
@@ -265,9 +272,8 @@ _BLOCK_LISTS = ("transformer_blocks.", "single_transformer_blocks.")
 
 def _start_as_identity(transformer):
     """adaLN-Zero: zero every block's modulation (so its gates, so its output) and the final layer."""
-    zeroed = [block.norm1.linear for block in transformer.transformer_blocks]
-    zeroed += [block.norm1_context.linear for block in transformer.transformer_blocks]
-    zeroed += [block.norm.linear for block in transformer.single_transformer_blocks]
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    zeroed = [layer for block in blocks for layer in _modulations(block)]
     zeroed += [transformer.norm_out.linear, transformer.proj_out]
     with torch.no_grad():
         for layer in zeroed:
