@@ -47,7 +47,8 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
      draws what CFG at scale 2 draws, at the cost of one pass per step (other values are not trained). CFG is what
      makes partial captions draw: on a 4 + 8-block model (96 channels) at 28 steps, the images with every named
      attribute right went from 50% without guidance to 78-80% at scales 1.5-2 (colour / shape / position 84 / 88 /
-     97%), and fell again above (57-60% at 2.5-3).
+     97%), and fell again above (57-60% at 2.5-3). The committed recipe's own runs did not reproduce that gain (see
+     ``FULL_CAPTION_STEPS``): what limits them is the colour the shallow model has learnt.
    The exported transformer is an exponential moving average of the trained weights (smoother samples).
 3. **Sharper decoder** (``OUT/decoder.pt``), in a second process at the same time as phase 2: it needs only phase
    1's frozen encoder (and so the latent space the flow model learns). The decoder alone trains further on exact
@@ -115,17 +116,24 @@ DECODER_LR = 2e-3
 DECODER_LATENT_NOISE = 0.05
 
 # Phase 2 trains a shallow model first and then grows it to FLUX.1's 19 + 38 blocks (see the module docstring).
-# Measured per step on one core at 96 channels: the 4 + 8-block model 1.05 s for 64 samples; the 19 + 38-block one
-# 2.9 s for 32, plus 0.3 s for the teacher's two passes in the distillation.
+# Measured per step on one core at 96 channels (an uncontended 2-core VM): the 4 + 8-block model 0.36-0.42 s for 64
+# samples; the 19 + 38-block one 1.1-1.2 s for 32, the teacher's two passes in the distillation included. The whole
+# command with 2,500 shallow steps took 35.7 min (autoencoder 4.3 min, shallow 18, distillation 12; the decoder 16 min
+# beside them); with 4,000, about 45 min.
 SHALLOW_BLOCKS = (4, 8)
-SHALLOW_STEPS = 2500
+SHALLOW_STEPS = 4000
 SHALLOW_BATCH = 64
 SHALLOW_LR = 2e-3
 # Shallow steps trained on full captions only, before half of each batch turns partial (the curriculum above). The
 # partial steps cost full captions some accuracy without guidance (named colour / shape 95 / 80% at step 1,500, 70 /
 # 70% at 2,500) and are what guidance needs: at 2,500 steps CFG at scale 2 finds every named attribute in 80% of the
 # images; at 1,500, before any partial caption, CFG made it worse (33%): "a shape" meant nothing to it yet.
-FULL_CAPTION_STEPS = 1500
+# Colour is what the step count buys (100 fresh prompts, 28 steps, named colour / every named attribute): 2,500
+# steps with 1,500 on full captions, teacher 62% / 54%, distilled model 41% / 42%; 4,000 with 2,500, teacher 68% /
+# 61%, distilled model 60% / 55%. Shape, position and background were 79-100% in both. In these two runs the
+# teacher gained nothing from CFG at scale 2 (every named attribute in 51% and 62% of the images, against 54% and 61%
+# without), unlike the scratch run quoted above; the distilled model trails its teacher by 6-12 points.
+FULL_CAPTION_STEPS = 2500
 # The 19 + 38-block model, grown from the shallow one, learns to reproduce its guided velocity (a distillation).
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
 # 0.014 and the grown model drew what the shallow one drew (named colour / shape / position 78 / 47 / 94% against
