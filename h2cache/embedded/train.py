@@ -119,9 +119,9 @@ DECODER_LATENT_NOISE = 0.05
 # Measured per step on one core at 96 channels (an uncontended 2-core VM): the 4 + 8-block model 0.36-0.42 s for 64
 # samples; the 19 + 38-block one 1.1-1.2 s for 32, the teacher's two passes in the distillation included. The whole
 # command with 2,500 shallow steps took 35.7 min (autoencoder 4.3 min, shallow 18, distillation 12; the decoder 16 min
-# beside them); with 4,000, about 45 min.
+# beside them); with 6,000, about 53 min.
 SHALLOW_BLOCKS = (4, 8)
-SHALLOW_STEPS = 4000
+SHALLOW_STEPS = 6000
 SHALLOW_BATCH = 64
 SHALLOW_LR = 2e-3
 # Shallow steps trained on full captions only, before half of each batch turns partial (the curriculum above). The
@@ -130,10 +130,12 @@ SHALLOW_LR = 2e-3
 # images; at 1,500, before any partial caption, CFG made it worse (33%): "a shape" meant nothing to it yet.
 # Colour is what the step count buys (100 fresh prompts, 28 steps, named colour / every named attribute): 2,500
 # steps with 1,500 on full captions, teacher 62% / 54%, distilled model 41% / 42%; 4,000 with 2,500, teacher 68% /
-# 61%, distilled model 60% / 55%. Shape, position and background were 79-100% in both. In these two runs the
-# teacher gained nothing from CFG at scale 2 (every named attribute in 51% and 62% of the images, against 54% and 61%
-# without), unlike the scratch run quoted above; the distilled model trails its teacher by 6-12 points.
-FULL_CAPTION_STEPS = 2500
+# 61%, distilled model 60% / 55%; 6,000 with 4,000, teacher 84% / 70%, distilled model 63% / 60%. Shape, position
+# and background were 79-100% in all three. CFG at scale 2 gave the teacher nothing at 2,500 and 4,000 steps (every
+# named attribute in 51% and 62% of the images, against 54% and 61% without), unlike the scratch run quoted above,
+# and 76% against 70% at 6,000; the distilled model trails its guided teacher by 9-16 points, which is now the gap to
+# close.
+FULL_CAPTION_STEPS = 4000
 # The 19 + 38-block model, grown from the shallow one, learns to reproduce its guided velocity (a distillation).
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
 # 0.014 and the grown model drew what the shallow one drew (named colour / shape / position 78 / 47 / 94% against
