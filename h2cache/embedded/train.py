@@ -47,8 +47,8 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
      draws what CFG at scale 2 draws, at the cost of one pass per step (other values are not trained). CFG is what
      makes partial captions draw: on a 4 + 8-block model (96 channels) at 28 steps, the images with every named
      attribute right went from 50% without guidance to 78-80% at scales 1.5-2 (colour / shape / position 84 / 88 /
-     97%), and fell again above (57-60% at 2.5-3). The committed recipe's own runs did not reproduce that gain (see
-     ``FULL_CAPTION_STEPS``): what limits them is the colour the shallow model has learnt.
+     97%), and fell again above (57-60% at 2.5-3). The committed recipe's own runs reproduced little of that gain
+     (none at 2,500-4,000 shallow steps, 70% -> 76% at 6,000; see ``FULL_CAPTION_STEPS``).
    The exported transformer is an exponential moving average of the trained weights (smoother samples).
 3. **Sharper decoder** (``OUT/decoder.pt``), in a second process at the same time as phase 2: it needs only phase
    1's frozen encoder (and so the latent space the flow model learns). The decoder alone trains further on exact
