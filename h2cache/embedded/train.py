@@ -97,7 +97,10 @@ from .grammar import (
 )
 
 EMBEDDED_SPEC = replace(BUILT_SPEC, vocabulary=VOCABULARY)
-DEFAULT_STEPS = 28
+# The step count written into the folder: the 19 + 38-block model draws in 0.9-1.0 s per image at 20 steps on one
+# thread of the 2-core VM, 1.07 s at 24 and 1.45 s at 28, for every named attribute in 68 / 69 / 70% of 100 fresh
+# prompts' images (6,000 shallow and 1,200 distillation steps).
+DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 GUIDANCE_RANGE = (1.0, 5.0)
 # The caption that names no attribute: the unconditional one of classifier-free guidance.
@@ -119,7 +122,7 @@ DECODER_LATENT_NOISE = 0.05
 # Measured per step on one core at 96 channels (an uncontended 2-core VM): the 4 + 8-block model 0.36-0.42 s for 64
 # samples; the 19 + 38-block one 1.1-1.2 s for 32, the teacher's two passes in the distillation included. The whole
 # command with 2,500 shallow steps took 35.7 min (autoencoder 4.3 min, shallow 18, distillation 12; the decoder 16 min
-# beside them); with 6,000, about 53 min.
+# beside them); with 6,000 shallow and 600 distillation steps, about 53 min.
 SHALLOW_BLOCKS = (4, 8)
 SHALLOW_STEPS = 6000
 SHALLOW_BATCH = 64
@@ -140,8 +143,13 @@ FULL_CAPTION_STEPS = 4000
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
 # 0.014 and the grown model drew what the shallow one drew (named colour / shape / position 78 / 47 / 94% against
 # 81 / 56 / 97% on 40 prompts). With guidance 2 (96 channels) 300 steps reached 65% of the images with every named
-# attribute right, against 80% for the teacher under true CFG; its loss was still falling, hence 600.
-DISTIL_STEPS = 600
+# attribute right, against 80% for the teacher under true CFG; its loss was still falling. From the teacher of 6,000
+# shallow steps (100 fresh prompts, every named attribute / named colour): 600 steps 60% / 63% at 28 sampling steps,
+# 1,200 steps 70% / 72% (68% / 69% at 20), 2,400 steps 69% / 74% at 20: the student has caught up with what it can
+# (its teacher under true CFG: 76%). A longer shallow phase did not raise that either: 9,000 shallow steps (6,000 on
+# full captions) and 1,200 distillation steps, 70% / 75% at 20. The whole command with 1,200 distillation steps
+# takes about 64 min (autoencoder 4.3, shallow about 36, distillation 22.6 min; the last measured on its own).
+DISTIL_STEPS = 1200
 DISTIL_BATCH = 32
 DISTIL_LR = 1e-3
 # Guidance values the distilled model learns (see the module docstring): a single one. Drawn from (1, 3) the student
