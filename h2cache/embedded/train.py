@@ -97,9 +97,9 @@ from .grammar import (
 )
 
 EMBEDDED_SPEC = replace(BUILT_SPEC, vocabulary=VOCABULARY)
-# The step count written into the folder: the 19 + 38-block model draws in 0.9-1.0 s per image at 20 steps on one
-# thread of the 2-core VM, 1.07 s at 24 and 1.45 s at 28, for every named attribute in 68 / 69 / 70% of 100 fresh
-# prompts' images (6,000 shallow and 1,200 distillation steps).
+# The step count written into the folder: the 19 + 38-block model (6,000 shallow and 1,200 distillation steps) draws
+# in 0.89 s per image at 20 steps and 1.07 s at 24 on one thread of the 2-core VM (the other core busy), 1.45 s at 28
+# on both, for every named attribute in 68 / 69 / 70% of 100 fresh prompts' images.
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 GUIDANCE_RANGE = (1.0, 5.0)
@@ -136,8 +136,8 @@ SHALLOW_LR = 2e-3
 # 61%, distilled model 60% / 55%; 6,000 with 4,000, teacher 84% / 70%, distilled model 63% / 60%. Shape, position
 # and background were 79-100% in all three. CFG at scale 2 gave the teacher nothing at 2,500 and 4,000 steps (every
 # named attribute in 51% and 62% of the images, against 54% and 61% without), unlike the scratch run quoted above,
-# and 76% against 70% at 6,000; the distilled model trails its guided teacher by 9-16 points, which is now the gap to
-# close.
+# and 76% against 70% at 6,000. The distilled model trailed its guided teacher by 9-16 points with 600 distillation
+# steps; see ``DISTIL_STEPS`` for what more of them did.
 FULL_CAPTION_STEPS = 4000
 # The 19 + 38-block model, grown from the shallow one, learns to reproduce its guided velocity (a distillation).
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
@@ -145,7 +145,7 @@ FULL_CAPTION_STEPS = 4000
 # 81 / 56 / 97% on 40 prompts). With guidance 2 (96 channels) 300 steps reached 65% of the images with every named
 # attribute right, against 80% for the teacher under true CFG; its loss was still falling. From the teacher of 6,000
 # shallow steps (100 fresh prompts, every named attribute / named colour): 600 steps 60% / 63% at 28 sampling steps,
-# 1,200 steps 70% / 72% (68% / 69% at 20), 2,400 steps 69% / 74% at 20: the student has caught up with what it can
+# 1,200 steps 70% / 72% (68% / 69% at 20), 2,400 steps 69% / 74% at 20: past 1,200, more distillation no longer helps
 # (its teacher under true CFG: 76%). A longer shallow phase did not raise that either: 9,000 shallow steps (6,000 on
 # full captions) and 1,200 distillation steps, 70% / 75% at 20. The whole command with 1,200 distillation steps
 # takes about 64 min (autoencoder 4.3, shallow about 36, distillation 22.6 min; the last measured on its own).
