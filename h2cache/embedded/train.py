@@ -87,6 +87,10 @@ from . import CALL_DEFAULTS_FILE
 from .builder import EMBEDDED_SPEC as BUILT_SPEC
 from .builder import build_components, finish_pipeline
 from .grammar import (
+    CENTRE_JITTER,
+    EXTENT_JITTER,
+    POSITION_CENTRES,
+    SIZE_EXTENTS,
     VOCABULARY,
     Scene,
     all_descriptions,
@@ -158,6 +162,10 @@ DISTIL_GUIDANCE_RANGE = (2.0, 2.0)
 # Pictures encoded once for phase 2 (each is seen about 11 times, with fresh noise, timestep and caption dropout).
 LATENT_POOL = 40_000
 WARMUP_STEPS = 200
+# Weight of the latent tokens the shape covers in the flow loss, against 1 for the background's: the shape fills a
+# quarter of the tokens or less, so an unweighted loss spends most of its gradient on a background it already draws
+# right, and little on the shape's colour and outline, where the errors are.
+SHAPE_LOSS_WEIGHT = 4.0
 # Random-stream ids of the phases without a number of their own above.
 POOL_PHASE = 4
 DISTIL_PHASE = 5
@@ -227,6 +235,19 @@ def _guided_velocity(teacher, inputs: dict, unconditional: tuple[torch.Tensor, t
             }
         )[0]
     return free + inputs["guidance"][:, None, None] * (conditional - free)
+
+
+def _token_weights(scene: Scene, side: int) -> torch.Tensor:
+    """Loss weight of each of the ``side`` x ``side`` packed latent tokens (row-major, as ``_pack_latents`` orders
+    them): ``SHAPE_LOSS_WEIGHT`` where the shape's box, widened by the render's largest jitter, overlaps the token's
+    square, 1 elsewhere."""
+    centre_x, centre_y = POSITION_CENTRES[scene.position]
+    half = SIZE_EXTENTS[scene.size] / 2 + EXTENT_JITTER / 2 + CENTRE_JITTER
+    edges = torch.arange(side + 1) / side
+    covered_x = (edges[1:] > centre_x - half) & (edges[:-1] < centre_x + half)
+    covered_y = (edges[1:] > centre_y - half) & (edges[:-1] < centre_y + half)
+    covered = (covered_y[:, None] & covered_x[None, :]).flatten()
+    return 1 + (SHAPE_LOSS_WEIGHT - 1) * covered.float()
 
 
 def _with_depth(transformer, num_double: int, num_single: int, seed: int):
@@ -431,9 +452,9 @@ class Trainer:
             _save(path, state)
         return [Scene(*values) for values in state["scenes"]], state["latents"]
 
-    def _flow_batch(self, pool, phase: int, step: int, count: int, partial: int) -> tuple[torch.Tensor, list[str]]:
-        """``count`` pool latents and their captions, fixed by (seed, phase, step); the last ``partial`` captions
-        leave attributes out."""
+    def _flow_batch(self, pool, phase: int, step: int, count: int, partial: int):
+        """``count`` pool latents, their captions and their token loss weights (``_token_weights``), fixed by
+        (seed, phase, step); the last ``partial`` captions leave attributes out."""
         scenes, latents = pool
         rng = np.random.default_rng([self.seed, phase, step])
         indices = rng.integers(0, len(scenes), count)
@@ -441,7 +462,9 @@ class Trainer:
             (random_description(scenes[i], rng) if slot >= count - partial else scenes[i]).caption()
             for slot, i in enumerate(indices)
         ]
-        return latents[torch.from_numpy(indices)], captions
+        side = EMBEDDED_SPEC.native_size // self.pipe.vae_scale_factor // 2
+        weights = torch.stack([_token_weights(scenes[i], side) for i in indices])
+        return latents[torch.from_numpy(indices)], captions, weights
 
     def train_flow(self, record: dict):
         """Train (or resume) phase 2: the shallow model (``OUT/flow-shallow.pt``), then the grown one distilled
@@ -520,7 +543,7 @@ class Trainer:
         for step in progress:
             _set_learning_rate(optimizer, lr, step, steps)
             partial = 0 if step < full_caption_steps else batch // 2
-            clean, captions = self._flow_batch(pool, phase, step, batch, partial)
+            clean, captions, weights = self._flow_batch(pool, phase, step, batch, partial)
             generator = _torch_generator(self.seed, phase, step)
             noise = torch.randn(clean.shape, generator=generator)
             t = torch.sigmoid(torch.randn(batch, generator=generator))
@@ -541,7 +564,8 @@ class Trainer:
                 target = noise - clean
             else:
                 target = _guided_velocity(teacher, inputs, prompts[NOTHING_NAMED])
-            loss = (transformer(**inputs)[0] - target).pow(2).mean()
+            squared_error = (transformer(**inputs)[0] - target).pow(2).mean(dim=-1)
+            loss = (weights * squared_error).sum() / weights.sum()
             _train_step(optimizer, transformer.parameters(), loss)
             with torch.no_grad():
                 # Short memory while the weights move fast early on, EMA_DECAY once they settle.
