@@ -37,6 +37,12 @@ data and noise derive from ``(seed, phase, step)``, so a resumed run computes wh
      the words far more slowly than the sharp target of a full caption (at 500 steps of a 4 + 8-block scratch model,
      full captions drew the named colour in 41% of the images and the position in 85%; captions with dropout 16-19%
      and 12-33%). Words first, then what an unnamed attribute means.
+   * The shape weighs more than the background. The loss weights the latent tokens the shape covers
+     ``SHAPE_LOSS_WEIGHT`` times those of the plain background (``_token_weights``, from the scene's position and
+     size). Unweighted, the models drew the background right in every image and the named colour in 72% (purple
+     read as blue above all): the shape covers a quarter of the tokens or fewer, so most of the loss's gradient went
+     to what was already right. The same recipe with the shape weighted 4x took its teacher (under CFG 2) from 76%
+     of the images with every named attribute to 88%, and the distilled model from 68% to 90% (20 steps).
    * Timesteps: ``t = sigmoid(n), n ~ N(0, 1)`` (SD3/FLUX logit-normal). The scheduler keeps its default config
      (``use_dynamic_shifting=False``, ``shift=1``), so FluxPipeline's ``mu`` is ignored and it samples the unshifted
      sigmas ``linspace(1, 1/N, N)``; the logit-normal weighting covers that whole range, densest mid-way.
@@ -162,9 +168,10 @@ DISTIL_GUIDANCE_RANGE = (2.0, 2.0)
 # Pictures encoded once for phase 2 (each is seen about 11 times, with fresh noise, timestep and caption dropout).
 LATENT_POOL = 40_000
 WARMUP_STEPS = 200
-# Weight of the latent tokens the shape covers in the flow loss, against 1 for the background's: the shape fills a
-# quarter of the tokens or less, so an unweighted loss spends most of its gradient on a background it already draws
-# right, and little on the shape's colour and outline, where the errors are.
+# Weight of the latent tokens the shape covers in the flow loss, against 1 for the background's (see the module
+# docstring). The shallow teacher of 6,000 steps, 100 fresh prompts at 20 steps, every named attribute / named colour
+# / named shape, without CFG, under CFG 1.5 and CFG 2: weighted 4x 83 / 96 / 84%, 92 / 98 / 92%, 88 / 98 / 88%;
+# unweighted (at 28 steps) 70 / 84 / 79%, -, 76 / 78 / 94%.
 SHAPE_LOSS_WEIGHT = 4.0
 # Random-stream ids of the phases without a number of their own above.
 POOL_PHASE = 4
