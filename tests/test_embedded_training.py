@@ -5,6 +5,7 @@ space) untouched."""
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import h2cache.embedded.train as train
 from h2cache.embedded import CALL_DEFAULTS_FILE, load_folder
 from h2cache.embedded.builder import build_components
+from h2cache.embedded.grammar import BACKGROUND_COLOURS, all_scenes, render
 
 
 @pytest.fixture
@@ -158,3 +160,20 @@ def test_distillation_target_is_the_teachers_classifier_free_guidance():
     guided = train._guided_velocity(teacher, dict(inputs, guidance=torch.tensor([1.0, 2.5])), unconditional)
     torch.testing.assert_close(guided[0], conditional[0])
     torch.testing.assert_close(guided[1], free[1] + 2.5 * (conditional[1] - free[1]))
+
+
+def test_shape_weighted_tokens_cover_every_rendered_shape_and_little_else():
+    """The flow loss weights the tokens of the shape's box more (``_token_weights``): every pixel a jittered render
+    draws in the shape's colour must fall in a weighted token, and the background must keep most of the tokens."""
+    size = train.EMBEDDED_SPEC.native_size
+    side = size // 16  # packed tokens: 8x VAE, then 2x2 patches
+    rng = np.random.default_rng(0)
+    for scene in all_scenes():
+        weights = train._token_weights(scene, side).view(side, side)
+        assert set(weights.unique().tolist()) == {1.0, train.SHAPE_LOSS_WEIGHT}
+        assert (weights == train.SHAPE_LOSS_WEIGHT).float().mean() <= 0.375
+        for _ in range(3):
+            pixels = np.asarray(render(scene, size, rng), dtype=float)
+            shape_pixels = np.abs(pixels - BACKGROUND_COLOURS[scene.background]).sum(axis=2) > 30
+            rows, cols = np.nonzero(shape_pixels)
+            assert (weights[rows // 16, cols // 16] == train.SHAPE_LOSS_WEIGHT).all(), scene
