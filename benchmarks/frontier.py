@@ -355,6 +355,24 @@ def format_table(points: list[dict], levels=PSNR_LEVELS) -> str:
     )
 
 
+def family_styles(kinds: dict[str, str]) -> dict[str, dict]:
+    """A line style per family (``kinds``: family -> "h2cache" or the peer library), each one of its own.
+
+    The sweep has 13 families, more than tab10's colours: tab20's dark shades go first, then its light ones; peers'
+    lines are dashed and the markers cycle, so two families never share a look."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
+    return {
+        family: {
+            "color": palette((2 * index) % 20 + (index // 10) % 2),
+            "linestyle": "-" if kind == "h2cache" else "--",
+            "marker": "osD^v"[index % 5],
+        }
+        for index, (family, kind) in enumerate(kinds.items())
+    }
+
+
 def plot_frontier(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -364,18 +382,20 @@ def plot_frontier(points: list[dict], path: Path, title: str) -> None:
     from h2cache.io import atomic_path
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    families = by_family(points)
+    styles = family_styles({family: members[0]["kind"] for family, members in families.items()})
     for axis, x, xlabel in (
         (axes[0], "time_ratio", "transformer time, cached / uncached"),
         (axes[1], "flux_costed", "FLUX.1-costed share of blocks"),
     ):
-        for family, members in by_family(points).items():
+        for family, members in families.items():
             front = pareto(members, x)
             ys = [min(p["mean_psnr"], PLOT_PSNR_CAP) for p in front]
             own = family == "H2-Forecast"
             axis.plot(
                 [p[x] for p in front],
                 ys,
-                marker="o",
+                **styles[family],
                 label=family,
                 linewidth=2.5 if own else 1.2,
                 markersize=5,

@@ -13,7 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from frontier import FLUX_DOUBLE, FLUX_SINGLE, PSNR_LEVELS, format_table, lowest_at, pareto  # noqa: E402
+from frontier import (  # noqa: E402
+    FLUX_DOUBLE,
+    FLUX_SINGLE,
+    PSNR_LEVELS,
+    family_styles,
+    format_table,
+    h2cache_sweep,
+    lowest_at,
+    pareto,
+    peer_sweep,
+)
 
 EMBEDDED = ROOT / "h2cache" / "embedded" / "tiny-flux"
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
@@ -127,3 +137,12 @@ def test_bad_family_is_one_error_and_writes_nothing(tmp_path):
     result = run_frontier(tmp_path / "out", "--families", "nosuchcache")
     assert result.returncode == 2 and "selects no configuration" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_family_of_the_sweep_is_drawn_in_a_colour_of_its_own():
+    """The plot had 13 families on tab10's 10 colours, so two pairs of families looked alike."""
+    kinds = {config.family: config.kind for config in h2cache_sweep(50) + peer_sweep(50)}
+    styles = family_styles(kinds)
+    assert len(kinds) > 10
+    assert len({style["color"] for style in styles.values()}) == len(kinds)
+    assert {styles[family]["linestyle"] for family, kind in kinds.items() if kind != "h2cache"} == {"--"}

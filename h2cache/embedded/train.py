@@ -460,7 +460,9 @@ class Trainer:
             _save(path, state)
         return [Scene(*values) for values in state["scenes"]], state["latents"]
 
-    def _flow_batch(self, pool, phase: int, step: int, count: int, partial: int):
+    def _flow_batch(
+        self, pool, phase: int, step: int, count: int, partial: int
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """``count`` pool latents, their captions and their token loss weights (``_token_weights``), fixed by
         (seed, phase, step); the last ``partial`` captions leave attributes out."""
         scenes, latents = pool
