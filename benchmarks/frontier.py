@@ -87,9 +87,11 @@ def h2cache_sweep(steps: int) -> list[BenchConfig]:
     return out
 
 
-H2_FORECAST_SWEEP = [{"tau1": t, "tau2": t} for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)] + [
-    {"tau1": 0.3, "tau2": 0.3, "max_run": r} for r in (0.16, 0.36)
-]
+H2_FORECAST_SWEEP = (
+    [{"tau1": t, "tau2": t} for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)]
+    + [{"tau1": 0.3, "tau2": 0.3, "max_run": r} for r in (0.16, 0.36)]
+    + [{"tau1": 0.3, "tau2": 0.3, "lazy_probes": 0}]
+)
 
 
 def peer_sweep(steps: int) -> list[BenchConfig]:
