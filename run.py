@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=LAZY_PROBES,
         help="H2-Forecast: skip a probe while its distance, grown at its last measured rate, stays below this share "
         "of the threshold (0 runs every probe)",
-        shown="the method's: 0.75",
+        shown="the method's: 0.5",
     )
     arg(
         "--mode",

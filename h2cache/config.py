@@ -268,12 +268,14 @@ class H2ForecastConfig(MethodConfig):
             blocks where "independent" computes 27%, at the same PSNR (50 steps, 0.3 / 0.3).
             "independent": each stage is judged on its own probe at every step. "official": a stage-1 hit also
             forecasts stage 2 without judging it, as H2-Cache's code does (its probe still runs).
-        lazy_probes (`float`, defaults to 0.75):
+        lazy_probes (`float`, defaults to 0.5):
             Skip a stage's probe while its last measured distance, grown linearly with the steps since the stage's
             last computation, stays below this share of the stage's threshold; the stage is then forecast whole,
             probe included. A forecast's distance grows about linearly between computations, so such a probe
             mostly confirms the rate already measured, and the margin left below the threshold absorbs the rest.
-            0 runs every probe; at most 1.
+            0 runs every probe; at most 1. At the defaults on the 19 + 38-block recipe model (six prompts, 100
+            steps) 0.5 computes 6.5% of the blocks at 46.7 dB where every probe computes 7.6% at 46.2 dB; 0.75
+            computed 5.6% but fell to 44.5 dB.
     """
 
     method = "h2-forecast"
@@ -289,7 +291,7 @@ class H2ForecastConfig(MethodConfig):
     max_run: float | None = 0.24
     warmup: int = 2
     mode: str = "chained"
-    lazy_probes: float = 0.75
+    lazy_probes: float = 0.5
 
     def __post_init__(self):
         owner = "H2ForecastConfig"
