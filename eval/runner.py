@@ -7,7 +7,8 @@
 Layout of ``--out``: ``images/<config>/<prompt id>.png``, ``records/<config>/<prompt id>.json`` (one per image,
 written atomically), ``records.jsonl`` (all of them), ``table.{md,csv,json}``, ``figures/``.
 
-- Resumable: an image whose record exists is never generated again; a killed run leaves no partial file.
+- Resumable: an image whose record exists, made with the same resolved method settings, is never generated again;
+  a killed run leaves no partial file.
 - Timing: one untimed warm-up call per configuration and process, then ``time_s`` around each call
   (CUDA-synchronised); model loading and scoring are never timed.
 - The baseline is the native, unpatched pipeline (nunchaku's fused forward on V1, diffusers' own forward), so
@@ -47,6 +48,17 @@ class RunConfig:
     def folder(self) -> str:
         """The label as a folder name: lower case, no spaces ("Block Cache" -> "block-cache")."""
         return re.sub(r"[^a-z0-9.=]+", "-", self.label.lower()).strip("-")
+
+    @property
+    def settings(self) -> dict:
+        """Every parameter the cache runs with, defaults resolved, as JSON stores them (empty for the baseline)."""
+        if self.method == NATIVE:
+            return {}
+        from dataclasses import asdict
+
+        from h2cache.methods import build_method
+
+        return json.loads(json.dumps(asdict(build_method(self.method, **self.params).config)))
 
 
 def parse_config(text: str) -> RunConfig:
@@ -130,7 +142,13 @@ class Experiment:
         return self.generate_with(pipe, plan.model, shard)
 
     def pending(self, shard) -> dict[str, list[tuple[str, str]]]:
-        return {c.label: [p for p in shard if not self.record_path(c, p[0]).is_file()] for c in self.configs}
+        return {c.label: [p for p in shard if not self.done(c, p[0])] for c in self.configs}
+
+    def done(self, config: RunConfig, prompt_id: str) -> bool:
+        """Whether the image has a record made with the same settings: one made before a method default changed
+        is generated again, not mixed into the table."""
+        path = self.record_path(config, prompt_id)
+        return path.is_file() and json.loads(path.read_text()).get("settings") == config.settings
 
     def generate_with(self, pipe, model_name: str, shard) -> int:
         """Generate the missing images of ``shard`` with a loaded pipeline; returns how many it generated."""
@@ -163,6 +181,7 @@ class Experiment:
                         "config": config.label,
                         "method": config.method,
                         "params": config.params,
+                        "settings": config.settings,
                         "prompt_id": prompt_id,
                         "prompt": prompt,
                         "seed": self.args.seed,

@@ -133,7 +133,16 @@ def test_runner_resumes_an_interrupted_run(tmp_path):
     result = runner(*args)
     assert result.returncode == 0 and "generated 4 image(s)" in result.stdout
     assert all(p.read_bytes() == data for p, data in kept.items())
-    assert len(list((tmp_path / "records").rglob("*.json"))) == 8
+    records = sorted((tmp_path / "records").rglob("*.json"))
+    assert len(records) == 8
+    # a record made before a default changed (here pool1) is made again; the others stay as they are
+    stale = next(p for p in records if "h2" in p.parent.name)
+    record = json.loads(stale.read_text())
+    assert record["settings"]["pool1"] == 2048 and record["settings"]["tau2"] == 0.15
+    stale.write_text(json.dumps({**record, "settings": {**record["settings"], "pool1": 1024}}))
+    result = runner(*args)
+    assert result.returncode == 0 and "generated 1 image(s)" in result.stdout
+    assert json.loads(stale.read_text())["settings"] == record["settings"]
 
 
 def test_missing_metric_weights_stop_before_any_generation(tmp_path):

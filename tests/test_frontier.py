@@ -60,15 +60,18 @@ def test_a_rerun_continues_from_the_points_on_disk_and_measures_nothing_again(fr
     out, data = frontier_run
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    kept = data["points"][:3]  # as an interrupted run leaves it: the first points, the run they belong to
-    (resumed / "points.json").write_text(json.dumps({"run": data["run"], "points": kept}))
+    kept = data["points"][:4]  # as an interrupted run leaves it: the first points, the run they belong to
+    # the fourth as if measured before a default changed: same label, other settings, so it is measured again
+    stale = {**kept[3], "settings": {**kept[3]["settings"], "pool1": 1}, "mean_psnr": -1.0}
+    (resumed / "points.json").write_text(json.dumps({"run": data["run"], "points": [*kept[:3], stale]}))
     result = run_frontier(resumed, *SMALL_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     progress = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
     assert len(progress) == len(data["points"])
     assert [line.endswith("(measured before)") for line in progress] == [i < 3 for i in range(len(progress))]
     again = json.loads((resumed / "points.json").read_text())["points"]
-    assert again[:3] == kept and [p["label"] for p in again] == [p["label"] for p in data["points"]]
+    assert again[:3] == kept[:3] and [p["label"] for p in again] == [p["label"] for p in data["points"]]
+    assert again[3]["settings"] == kept[3]["settings"] and again[3]["mean_psnr"] > 0
 
 
 def test_benchmark_writes_every_output_atomically(frontier_run):

@@ -1,5 +1,7 @@
 """H2-Forecast: H2-Cache's probes decide, a forecast of the stage residual replaces it on a hit."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import PROMPT, count_block_calls
@@ -12,6 +14,7 @@ from h2cache.methods.h2_forecast import H2Forecast, StageHistory
 from h2cache.trace import FORCED, HIT, MISS, StageDecision
 
 HITTING = {"tau1": 2.0, "tau2": 2.0, "max_run": 0.2}  # 3 of 16 steps, 2 of 10
+EVERY_PROBE = {**HITTING, "lazy_probes": 0}  # every judged stage runs its probe: one block per forecast stage
 
 
 def test_zero_thresholds_are_bit_identical_to_no_cache(make_pipe, run):
@@ -31,7 +34,7 @@ def test_trace_has_h2_cache_keys_and_counts_what_ran(make_pipe, run):
     h2_keys = {key for record in h2cache.stats(pipe) for key in record}
     counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
     # independent mode judges both probes at every step (the chained default is counted in its own test)
-    h2cache.apply(pipe, "h2-forecast", mode="independent", **HITTING)
+    h2cache.apply(pipe, "h2-forecast", mode="independent", **EVERY_PROBE)
     run(pipe, steps=16)
     trace = h2cache.stats(pipe)
     assert all(set(record) == h2_keys for record in trace)
@@ -157,11 +160,11 @@ def test_official_mode_forecasts_stage_two_whenever_stage_one_hits(make_pipe, ru
 
 def test_chained_mode_runs_only_the_structure_probe_when_both_stages_are_forecast(make_pipe, run):
     pipe = make_pipe()
-    h2cache.apply(pipe, "h2-forecast", mode="independent", **HITTING)
+    h2cache.apply(pipe, "h2-forecast", mode="independent", **EVERY_PROBE)
     run(pipe, steps=16)
     independent_blocks = sum(r["double_blocks_run"] + r["single_blocks_run"] for r in h2cache.stats(pipe))
     counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
-    h2cache.apply(pipe, "h2-forecast", mode="chained", **HITTING)
+    h2cache.apply(pipe, "h2-forecast", mode="chained", **EVERY_PROBE)
     run(pipe, steps=16)
     trace = h2cache.stats(pipe)
     chained = [r for r in trace if r["stage2"] == FORCED]
@@ -209,6 +212,8 @@ def test_chained_mode_keeps_the_whole_stage_residual_beside_the_rest(make_pipe, 
         ({"distance": "euclid"}, "distance"),
         ({"mode": "paper"}, "mode"),
         ({"pool1": 0}, "pool1"),
+        ({"lazy_probes": 1.5}, "lazy_probes"),
+        ({"lazy_probes": -0.25}, "lazy_probes"),
     ],
 )
 def test_parameters_are_validated(make_pipe, params, field):
@@ -222,8 +227,64 @@ def test_anchor_distance_without_forecast_cap_or_warmup_is_exactly_h2(make_pipe,
     h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
     expected = run(pipe, steps=14)
     expected_trace = h2cache.stats(pipe)
-    paper_rule = {"distance": "anchor", "order": 0, "max_run": None, "warmup": 1, "mode": "official"}
+    paper_rule = {"distance": "anchor", "order": 0, "max_run": None, "warmup": 1, "mode": "official", "lazy_probes": 0}
     h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **paper_rule)
     latents = run(pipe, steps=14)
     assert h2cache.stats(pipe) == expected_trace and any(r["stage1"] == HIT for r in expected_trace)
     assert torch.equal(latents, expected)
+
+
+@pytest.mark.parametrize("mode", ["chained", "independent"])
+def test_lazy_probes_forecast_a_stage_whole_without_running_a_block(make_pipe, run, mode):
+    pipe = make_pipe()
+    h2cache.apply(pipe, "h2-forecast", mode=mode, **EVERY_PROBE)
+    run(pipe, steps=16)
+    every_probe = h2cache.stats(pipe)
+    counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
+    h2cache.apply(pipe, "h2-forecast", mode=mode, **HITTING)
+    run(pipe, steps=16)
+    trace = h2cache.stats(pipe)
+    unprobed = [r for r in trace if r["stage1"] == HIT and r["d1"] is None]
+    assert unprobed and all(r["double_blocks_run"] == 0 for r in unprobed)
+    if mode == "independent":
+        assert any(r["stage2"] == HIT and r["d2"] is None and r["single_blocks_run"] == 0 for r in trace)
+    assert counts["double"] == sum(r["double_blocks_run"] for r in trace)
+    assert counts["single"] == sum(r["single_blocks_run"] for r in trace)
+    blocks = lambda records: sum(r["double_blocks_run"] + r["single_blocks_run"] for r in records)  # noqa: E731
+    assert blocks(trace) < blocks(every_probe)
+    # a skipped probe still counts as a forecast: the cap holds
+    assert "hhhh" not in "".join("h" if r["stage1"] == HIT else "m" for r in trace)
+
+
+def test_a_probe_is_skipped_while_its_distance_grown_linearly_stays_below_the_share_of_the_threshold():
+    method = H2Forecast(H2ForecastConfig(distance="anchor", lazy_probes=0.75, max_run=None))
+    history = StageHistory(anchor=torch.ones(1, 4), previous=torch.ones(1, 4), computed_steps=[3])
+    history.whole_differences = [torch.zeros(1, 4)]
+    method.judge(history, torch.full((1, 4), 1.2), threshold=0.5, step=7)
+    assert history.slope == pytest.approx(0.2 / 4)  # the measured distance per step since the computation
+    # 0.05 per step against 0.75 of 0.3: skipped while 0.05 k < 0.225, i.e. up to 4 steps after the computation
+    assert [method.skips_probe(history, 0.3, step, num_steps=50) for step in (4, 7, 8)] == [True, True, False]
+    assert not method.skips_probe(history, 0.3, 1, num_steps=50)  # warm-up
+    history.hits_in_row = 12
+    assert not H2Forecast(H2ForecastConfig(lazy_probes=0.75)).skips_probe(history, 0.3, 4, num_steps=50)  # the cap
+    history.hits_in_row = 0
+    assert not H2Forecast(H2ForecastConfig(lazy_probes=0)).skips_probe(history, 0.3, 4, num_steps=50)
+    history.whole_differences = []
+    assert not method.skips_probe(history, 0.3, 4, num_steps=50)  # nothing to forecast the whole stage from
+
+
+def test_an_unprobed_stage_adds_its_whole_residual_forecast():
+    method = H2Forecast(H2ForecastConfig(order=1, basis="taylor", lazy_probes=1.0, max_run=None))
+    whole, change = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    history = StageHistory(computed_steps=[6], slope=0.001, whole_differences=[whole, change])
+    history.differences = [torch.full((2, 5, 3), 99.0)]  # the rest-of-stage residual must not be used
+
+    def blocks(*args):
+        raise AssertionError("a skipped probe runs no block")
+
+    stage_input = torch.randn(2, 5, 3)
+    run = SimpleNamespace(step_index=9, num_steps=20)
+    output, decision = method.stage(history, 0.3, 64, run, stage_input, blocks, lambda s: s)
+    assert decision == StageDecision(HIT)
+    torch.testing.assert_close(output, stage_input + whole + 3 * change)
+    assert history.hits_in_row == 1

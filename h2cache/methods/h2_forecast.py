@@ -9,7 +9,10 @@ compared with earlier ones. Unlike H2-Cache:
   - a reused stage adds a forecast of its remaining blocks' residual, extrapolated from the stage's last full
     computations with ``forecast.py``'s finite differences (TaylorSeer) or scaled Hermite basis (HiCache);
   - stage 2 is judged on its own probe even when stage 1 hit (``mode="official"`` restores the forced reuse;
-    ``mode="chained"`` forecasts stage 2 whole after a stage-1 hit, probe included, so such a step runs one block);
+    ``mode="chained"`` forecasts stage 2 whole after a stage-1 hit, probe included, so such a step runs at most
+    one block);
+  - a probe whose distance, grown linearly from the last one measured, would still be well below the threshold is
+    not run (``lazy_probes``): the stage is forecast whole, probe included, and a step can run no block at all;
   - the first ``warmup`` steps are computed, and a stage is recomputed after ``max_run`` (a share of the call's
     steps) forecasts in a row.
 
@@ -46,7 +49,8 @@ class StageHistory:
     hits_in_row: int = 0
 
     probe_differences: list = field(default_factory=list)  # the same for the probe's thumbnail
-    whole_differences: list = field(default_factory=list)  # the same for the whole stage, probe included (chained)
+    whole_differences: list = field(default_factory=list)  # the same for the whole stage, probe included
+    slope: float | None = None  # the last measured distance per step since the stage's last computation
 
     def distance(self, summary: torch.Tensor, kind: str, step: int, coefficient) -> torch.Tensor | None:
         """Per-sample distance of this step's probe, or None when there is nothing comparable yet."""
@@ -78,37 +82,55 @@ class H2Forecast(CacheMethod):
     def new_state(self) -> H2ForecastState:
         return H2ForecastState()
 
+    @property
+    def keeps_whole_stage(self) -> bool:
+        """Whether a stage can be forecast whole, probe included, so its whole residual's differences are kept."""
+        return self.config.mode == "chained" or self.config.lazy_probes > 0
+
     def step(self, run, state: H2ForecastState, streams):
         config = self.config
-        probe = run.double_blocks(streams, 0, 1)
-        summary1 = summarize(probe.img - streams.img, config.pool1)
-        stage1 = self.judge(state.structure, summary1, config.tau1, run.step_index, run.num_steps)
-        streams = self.advance(
-            state.structure, stage1, probe, summary1, run.step_index, lambda h: run.double_blocks(h, 1)
+        streams, stage1 = self.stage(
+            state.structure, config.tau1, config.pool1, run, streams, run.double_blocks, lambda s: s.img
         )
-
         joint = run.enter_single(streams)
-        chained = config.mode == "chained"
-        if chained and stage1.decision == HIT and not self.capped(state.detail, run.num_steps):
+        if config.mode == "chained" and stage1.decision == HIT and not self.capped(state.detail, run.num_steps):
             # nothing of stage 2 runs, so there is no thumbnail: the next judged step compares with the last one
             joint = self.forecast(state.detail, state.detail.whole_differences, joint, run.step_index)
             return run.leave_single(joint), stage1, StageDecision(FORCED)
-        probe = run.single_blocks(joint, 0, 1)
-        summary2 = summarize(run.single_tokens(probe) - run.single_tokens(joint), config.pool2)
-        if stage1.decision == HIT and config.mode == "official":
-            stage2 = StageDecision(FORCED)
-        else:
-            stage2 = self.judge(state.detail, summary2, config.tau2, run.step_index, run.num_steps)
-        joint = self.advance(
-            state.detail,
-            stage2,
-            probe,
-            summary2,
-            run.step_index,
-            lambda h: run.single_blocks(h, 1),
-            stage_input=joint if chained else None,
+        forced = stage1.decision == HIT and config.mode == "official"
+        joint, stage2 = self.stage(
+            state.detail, config.tau2, config.pool2, run, joint, run.single_blocks, run.single_tokens, forced
         )
         return run.leave_single(joint), stage1, stage2
+
+    def stage(self, history: StageHistory, threshold, pool, run, stage_input, blocks, tokens, forced=False):
+        """One stage of one step: forecast whole without a probe, or probe, judge, then forecast or compute the rest.
+
+        ``blocks(h, start, end=None)`` runs the stage's blocks; ``tokens`` picks the tokens its thumbnail reads.
+        """
+        step = run.step_index
+        if not forced and self.skips_probe(history, threshold, step, run.num_steps):
+            return self.forecast(history, history.whole_differences, stage_input, step), StageDecision(HIT)
+        probe = blocks(stage_input, 0, 1)
+        summary = summarize(tokens(probe) - tokens(stage_input), pool)
+        decision = StageDecision(FORCED) if forced else self.judge(history, summary, threshold, step, run.num_steps)
+        whole_from = stage_input if self.keeps_whole_stage else None
+        output = self.advance(history, decision, probe, summary, step, lambda h: blocks(h, 1), whole_from)
+        return output, decision
+
+    def skips_probe(self, history: StageHistory, threshold: float, step: int, num_steps) -> bool:
+        """Whether the probe's distance, grown at its last measured rate, stays below ``lazy_probes`` of the threshold.
+
+        The distance of a forecast grows about linearly with the steps since the stage's last computation, so a
+        probe far below the threshold mostly confirms what its rate already says: skipping it saves a block per
+        stage and step, and the threshold's margin (``1 - lazy_probes``) absorbs the rate's error.
+        """
+        lazy = self.config.lazy_probes
+        if not lazy or history.slope is None or not history.whole_differences:
+            return False
+        if step < self.config.warmup or self.capped(history, num_steps):
+            return False
+        return history.slope * (step - history.computed_steps[-1]) < lazy * threshold
 
     def judge(self, history: StageHistory, summary, threshold: float, step: int, num_steps=None) -> StageDecision:
         """Hit when past warm-up, within the cap, and every sample's distance is strictly below ``threshold``."""
@@ -117,6 +139,7 @@ class H2Forecast(CacheMethod):
         distances = history.distance(summary, self.config.distance, step, self.coefficient)
         if distances is None:
             return StageDecision(MISS)
+        history.slope = float(distances.max()) / (step - history.computed_steps[-1])
         hit = step >= self.config.warmup and not self.capped(history, num_steps) and bool((distances < threshold).all())
         if hit:
             history.accumulated = distances
@@ -140,7 +163,7 @@ class H2Forecast(CacheMethod):
     ):
         """Add the forecast residual on a (forced) hit; on a miss run the rest and refresh the differences.
 
-        With ``stage_input`` the differences of the whole stage's residual are kept too (``mode="chained"``).
+        With ``stage_input`` the differences of the whole stage's residual, probe included, are kept too.
         """
         history.previous = summary
         if decision.decision != MISS:
