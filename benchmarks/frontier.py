@@ -64,9 +64,9 @@ class BenchConfig:
         before a default changed has the same label but other settings, and is measured again."""
         if self.kind != "h2cache":
             return json.loads(json.dumps(self.params))
-        from h2cache.methods import build_method
+        from h2cache.methods import resolved_settings
 
-        return json.loads(json.dumps(asdict(build_method(self.method, **self.params).config)))
+        return resolved_settings(self.method, **self.params)
 
 
 def h2cache_sweep(steps: int) -> list[BenchConfig]:

@@ -54,11 +54,9 @@ class RunConfig:
         """Every parameter the cache runs with, defaults resolved, as JSON stores them (empty for the baseline)."""
         if self.method == NATIVE:
             return {}
-        from dataclasses import asdict
+        from h2cache.methods import resolved_settings
 
-        from h2cache.methods import build_method
-
-        return json.loads(json.dumps(asdict(build_method(self.method, **self.params).config)))
+        return resolved_settings(self.method, **self.params)
 
 
 def parse_config(text: str) -> RunConfig:

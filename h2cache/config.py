@@ -263,9 +263,9 @@ class H2ForecastConfig(MethodConfig):
             Leading steps computed in full, so that the first forecast already has a first difference.
         mode (`str`, defaults to "chained"):
             "chained": a stage-1 hit forecasts stage 2 whole, its probe included, so a step where both stages are
-            forecast runs at most one block (1 of FLUX.1's 57 instead of 2); stage 2 is judged on its probe when stage 1
-            computes, and also once it has reached ``max_run``. On the embedded model it computes 19% of the
-            blocks where "independent" computes 27%, at the same PSNR (50 steps, 0.3 / 0.3).
+            forecast runs at most one block (1 of FLUX.1's 57 instead of 2); stage 2 is judged on its probe when
+            stage 1 computes, and also once it has reached ``max_run``. On the embedded model it computes 19% of the
+            blocks where "independent" computes 27%, at the same PSNR (50 steps, 0.3 / 0.3, every probe run).
             "independent": each stage is judged on its own probe at every step. "official": a stage-1 hit also
             forecasts stage 2 without judging it, as H2-Cache's code does (its probe still runs).
         lazy_probes (`float`, defaults to 0.5):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 from ..config import (
     DBFCacheConfig,
     FBCacheConfig,
@@ -54,4 +57,10 @@ def build_method(method, **params) -> CacheMethod:
     return method_class(config)
 
 
-__all__ = ["METHODS", "CacheMethod", "build_method"]
+def resolved_settings(method: str, **params) -> dict:
+    """Every parameter the method runs with, its defaults filled in, as JSON stores them: what a resumable run compares
+    to tell a result made under other defaults from one it can keep."""
+    return json.loads(json.dumps(asdict(build_method(method, **params).config)))
+
+
+__all__ = ["METHODS", "CacheMethod", "build_method", "resolved_settings"]
