@@ -310,10 +310,9 @@ class H2ForecastConfig(MethodConfig):
         _check_count(owner, "warmup", self.warmup, 1)
         if self.mode not in H2_FORECAST_MODES:
             raise ValueError(f"{owner}.mode must be one of {H2_FORECAST_MODES}, got {self.mode!r}")
-        if isinstance(self.lazy_probes, bool) or not 0 <= self.lazy_probes <= 1:
-            raise ValueError(
-                f"{owner}.lazy_probes must be a number in [0, 1] (0 runs every probe), got {self.lazy_probes!r}"
-            )
+        _check_threshold(owner, "lazy_probes", self.lazy_probes)
+        if self.lazy_probes > 1:
+            raise ValueError(f"{owner}.lazy_probes must be at most 1 (0 runs every probe), got {self.lazy_probes!r}")
 
 
 def _check_count(owner: str, name: str, value, minimum: int) -> None:

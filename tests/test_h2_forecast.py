@@ -214,6 +214,7 @@ def test_chained_mode_keeps_the_whole_stage_residual_beside_the_rest(make_pipe, 
         ({"pool1": 0}, "pool1"),
         ({"lazy_probes": 1.5}, "lazy_probes"),
         ({"lazy_probes": -0.25}, "lazy_probes"),
+        ({"lazy_probes": "0.5"}, "lazy_probes"),
     ],
 )
 def test_parameters_are_validated(make_pipe, params, field):
