@@ -7,8 +7,9 @@ subset, as people write) and samples each with a fresh generation seed (training
 through a different formula, so these seeds were never trained on) by a plain ``pipe(prompt, generator=...)`` call:
 the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the
 images whose caption names it in which ``eval/checker.py`` finds it (overall, and for the full and the partial half
-apart), the fraction with every named attribute right, the seconds per image, and how evenly the blocks work
-(``block_activity``); writes the samples as a grid to ``assets/embedded_samples.png`` (``--grid`` elsewhere).
+apart), the fraction with every named attribute right (overall and by the number of attributes named), the seconds
+per image, and how evenly the blocks work (``block_activity``); writes the samples as a grid to
+``assets/embedded_samples.png`` (``--grid`` elsewhere).
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ def _accuracy(verdicts: list[dict]) -> dict:
     """Per attribute, the fraction of the verdicts naming it that found it (None where no caption names it)."""
     found = {attribute: [v[attribute] for v in verdicts if attribute in v] for attribute in ATTRIBUTES}
     return {attribute: float(np.mean(values)) if values else None for attribute, values in found.items()}
+
+
+def _by_named_count(verdicts: list[dict]) -> dict[int, dict]:
+    """Per number of attributes a caption names: how many images, the share with every named attribute right, and
+    the share whose named shape was found. Captions naming little are the hard case (the picture's other attributes
+    are the model's own choice), and an overall figure hides them behind the full captions."""
+    counts = sorted({len(v) for v in verdicts})
+    out = {}
+    for count in counts:
+        group = [v for v in verdicts if len(v) == count]
+        shapes = [v["shape"] for v in group if "shape" in v]
+        out[count] = {
+            "images": len(group),
+            "all_named_attributes": float(np.mean([all(v.values()) for v in group])),
+            "shape": float(np.mean(shapes)) if shapes else None,
+        }
+    return out
 
 
 def block_activity(pipe, prompts: list[str], steps: int = 10) -> dict[str, list[float]]:
@@ -100,6 +118,7 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
         "accuracy_partial_captions": _accuracy(verdicts[1::2]),
         "named": {attribute: sum(attribute in v for v in verdicts) for attribute in ATTRIBUTES},
         "all_named_attributes": float(np.mean([all(v.values()) for v in verdicts])),
+        "by_named_count": _by_named_count(verdicts),
         "seconds_per_image": seconds_per_image,
         # Per stage, the least active block's change relative to the stage's mean (FLUX.1-like: well above 0).
         "block_activity": {

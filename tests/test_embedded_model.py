@@ -276,4 +276,6 @@ def test_evaluator_reports_full_and_partial_captions_apart(tmp_path):
     assert sum(report["named"].values()) < 4 * len(ATTRIBUTES)  # the odd prompts leave some out
     assert set(partial) == set(ATTRIBUTES) and report["images"] == 4
     assert set(report["block_activity"]) == {"double", "single"}
+    by_count = report["by_named_count"]  # every image in the group of its caption's number of named attributes
+    assert sum(group["images"] for group in by_count.values()) == 4 and by_count["5"]["images"] >= 2
     assert Image.open(grid).size == (4 * 64, 64)
