@@ -41,7 +41,10 @@ def run_frontier(out, *extra):
 
 
 FAMILIES = "h2,h2-forecast,teacache,fbc,magcache" + (",dbcache" if HAS_CACHE_DIT else "")
-SMALL_RUN = ("--model", str(EMBEDDED), "--steps", "28", "--prompts", "1", "--per-family", "2", "--families", FAMILIES)
+SMALL_RUN = (
+    *("--model", str(EMBEDDED), "--steps", "28", "--prompts", "1", "--per-family", "2", "--families", FAMILIES),
+    *("--repeats", "2"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,17 @@ def test_benchmark_writes_every_output_atomically(frontier_run):
         assert all(p["flux_costed"] < p["blocks"] for p in h2_points)
 
 
+def test_each_call_counts_its_fastest_of_the_repeated_timings(frontier_run):
+    _, data = frontier_run
+    assert data["run"]["repeats"] == 2
+    for point in data["points"]:
+        (prompt,) = point["per_prompt"]
+        assert len(prompt["transformer_s_runs"]) == len(prompt["uncached_transformer_s_runs"]) == 2
+        assert prompt["transformer_s"] == min(prompt["transformer_s_runs"])
+        assert prompt["uncached_transformer_s"] == min(prompt["uncached_transformer_s_runs"])
+        assert point["time_ratio"] == pytest.approx(prompt["transformer_s"] / prompt["uncached_transformer_s"])
+
+
 def test_block_counts_agree_with_the_h2cache_trace(frontier_run):
     """to_q calls are what the hook-based peers are counted by; on h2cache's own methods they must equal the trace."""
     _, data = frontier_run
@@ -139,6 +153,12 @@ def test_table_takes_the_lowest_time_ratio_at_each_level_from_recorded_points(fr
 def test_bad_family_is_one_error_and_writes_nothing(tmp_path):
     result = run_frontier(tmp_path / "out", "--families", "nosuchcache")
     assert result.returncode == 2 and "selects no configuration" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_timed_pair_is_one_error_and_writes_nothing(tmp_path):
+    result = run_frontier(tmp_path / "out", "--repeats", "0")
+    assert result.returncode == 2 and "--repeats must be >= 1" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
