@@ -142,7 +142,8 @@ class BlockClock:
         return taken
 
 
-def method_costs(reps: int, size: int, steps: int, methods=tuple(h2cache.METHODS)) -> dict:
+def method_costs(reps: int, size: int, steps: int) -> dict:
+    methods = tuple(h2cache.METHODS)
     pipe = build_pipeline(FLUX_PROPORTIONED)
     pipe.set_progress_bar_config(disable=True)
     clock = BlockClock(pipe.transformer)
