@@ -8,8 +8,9 @@ through a different formula, so these seeds were never trained on) by a plain ``
 the folder's default steps (or ``--steps``), guidance and native size. Prints, per attribute, the fraction of the
 images whose caption names it in which ``eval/checker.py`` finds it (overall, and for the full and the partial half
 apart), the fraction with every named attribute right (overall and by the number of attributes named), the seconds
-per image, and how evenly the blocks work (``block_activity``); writes the samples as a grid to
-``assets/embedded_samples.png`` (``--grid`` elsewhere).
+per image, how evenly the blocks work (``block_activity``), and what the folder's autoencoder alone keeps of true
+pictures (``autoencoder_round_trip``: the ceiling no flow model on that decoder can pass); writes the samples as a
+grid to ``assets/embedded_samples.png`` (``--grid`` elsewhere).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import Image
 
 from eval.checker import check
 from h2cache.embedded import SHIPPED_FOLDER, load_folder
-from h2cache.embedded.grammar import ATTRIBUTES, random_description, random_scene
+from h2cache.embedded.grammar import ATTRIBUTES, random_description, random_scene, render
 
 PROMPT_SEED = 20_261_122
 FIRST_GENERATION_SEED = 7_000_000
@@ -68,6 +69,25 @@ def _by_named_count(verdicts: list[dict]) -> dict[int, dict]:
             "shape": float(np.mean(shapes)) if shapes else None,
         }
     return out
+
+
+def autoencoder_round_trip(pipe, count: int, batch: int = 16) -> dict:
+    """The checker's accuracy per attribute on ``count`` true grammar pictures (full captions) after the folder's
+    VAE encodes and decodes them, and the share with every attribute right. A flow model can at best hand the
+    decoder the exact latent of a true picture, so this bounds what any model on this autoencoder can score; it is
+    how a lost shape is told apart as the decoder's (small squares' corners rounded into circles) or the model's."""
+    rng = np.random.default_rng(PROMPT_SEED + 1)
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    verdicts = []
+    for start in range(0, count, batch):
+        scenes = [random_scene(rng) for _ in range(min(batch, count - start))]
+        pixels = np.stack([np.asarray(render(scene, size, rng)) for scene in scenes])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():
+            decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
+        for scene, image in zip(scenes, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True):
+            verdicts.append(check(image, scene.caption()))
+    return {**_accuracy(verdicts), "all": float(np.mean([all(v.values()) for v in verdicts]))}
 
 
 def block_activity(pipe, prompts: list[str], steps: int = 10) -> dict[str, list[float]]:
@@ -124,6 +144,7 @@ def evaluate(folder: Path, count: int, steps: int | None = None) -> tuple[dict, 
         "block_activity": {
             stage: min(values) / float(np.mean(values)) for stage, values in block_activity(pipe, prompts[:2]).items()
         },
+        "autoencoder_round_trip": autoencoder_round_trip(pipe, count),
         "call": dict(pipe.h2cache_call_defaults, **call),
     }
     return report, images

@@ -20,8 +20,8 @@ from PIL import Image
 
 import h2cache
 from eval.checker import check, read_attributes
-from eval.embedded_model import block_activity
-from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, load_folder
+from eval.embedded_model import autoencoder_round_trip, block_activity
+from h2cache.embedded import CALL_DEFAULTS_FILE, SHIPPED_FOLDER, build_pipeline, load_folder
 from h2cache.embedded.grammar import (
     ATTRIBUTES,
     BACKGROUND_COLOURS,
@@ -266,6 +266,13 @@ def test_tokenizers_know_every_grammar_word(pipe):
     assert longest_caption <= pipe.h2cache_call_defaults["max_sequence_length"]
 
 
+def test_the_autoencoder_round_trip_reads_back_true_pictures_only_through_a_trained_vae(pipe):
+    trained = autoencoder_round_trip(pipe, 64)
+    assert trained["all"] >= 0.95 and min(trained[attribute] for attribute in ATTRIBUTES) >= 0.95
+    random_weights = autoencoder_round_trip(build_pipeline(), 64)  # the same call on an untrained VAE
+    assert random_weights["all"] < 0.2
+
+
 def test_evaluator_reports_full_and_partial_captions_apart(tmp_path):
     grid = tmp_path / "grid.png"
     command = [sys.executable, "-m", "eval.embedded_model", "--count", "4", "--steps", "2", "--threads", "1"]
@@ -279,3 +286,4 @@ def test_evaluator_reports_full_and_partial_captions_apart(tmp_path):
     by_count = report["by_named_count"]  # every image in the group of its caption's number of named attributes
     assert sum(group["images"] for group in by_count.values()) == 4 and by_count["5"]["images"] >= 2
     assert Image.open(grid).size == (4 * 64, 64)
+    assert set(report["autoencoder_round_trip"]) == {*ATTRIBUTES, "all"}
