@@ -106,6 +106,9 @@ H2_FORECAST_SWEEP = (
     # At 50 steps on a 19 + 38-block model, skipping more probes was faster at equal PSNR at low thresholds (0.1 /
     # 0.1: time 0.222 against 0.246 at 47.6 dB); at 100 steps 0.75 cost 2 dB at 0.3 / 0.3, so it is not the default.
     + [{"tau1": t, "tau2": t, "lazy_probes": 0.75} for t in (0.08, 0.1, 0.15)]
+    # The two ends of the 50-step frontier on that model (six prompts, three repeats): 0.4 / 0.4 with max_run 0.36
+    # 0.127 at 40.7 dB; max_run 0.12 with lazy 0.75 0.199 at 51.2 dB, where the sweep's best was 0.215 at 50.0 dB.
+    + [{"tau1": 0.4, "tau2": 0.4, "max_run": 0.36}, {"tau1": 0.3, "tau2": 0.3, "max_run": 0.12, "lazy_probes": 0.75}]
 )
 
 
