@@ -81,8 +81,7 @@ def autoencoder_round_trip(pipe, count: int, batch: int = 16) -> dict:
     verdicts = []
     for start in range(0, count, batch):
         scenes = [random_scene(rng) for _ in range(min(batch, count - start))]
-        pixels = np.stack([np.asarray(render(scene, size, rng)) for scene in scenes])
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = pipe.image_processor.preprocess([render(scene, size, rng) for scene in scenes])
         with torch.no_grad():
             decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
         for scene, image in zip(scenes, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True):
