@@ -84,6 +84,10 @@ def test_resumed_training_equals_an_unbroken_run_and_exports_a_pipeline(small_re
         "shallow_steps": 3,
         "steps": 3,
     }
+    # where the weights were made: another CPU's kernels round differently and train other weights
+    machine = written["training"]["machine"]
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
     # Stored in float16 (the 25 MB budget), loaded as float32, by load_folder and by a plain from_pretrained alike.
     stored = load_file(tmp_path / "resumed" / "tiny-flux" / "transformer" / "diffusion_pytorch_model.safetensors")
