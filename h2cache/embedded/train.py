@@ -74,10 +74,10 @@ minutes, and worse ones: 69% (colour 73%: of 22 wrong colours, purple drawn as b
 shallow teacher under CFG 2 76%; held to AVX2 kernels on that VM, 85% (teacher 86%). Both phases amplify rounding.
 The autoencoders of the two Intel runs are 18% apart (relative distance of their weights), and training the
 autoencoder in float64 does not stop it: under the two kernel sets, 3.7% apart after 200 of its 800 steps. The flow
-phase, run under both kernel sets from one autoencoder, trained teachers 0.2% apart (losses equal to 4 digits at
-every step; both 86%) from the AVX2 run's autoencoder, but from the AVX-512 run's its losses parted at step 38 and the
-teachers ended 97% apart, 76% and 84%. So which model a run trains is a draw that no kernel or precision setting
-removes, and a recipe is judged by several runs, not one (teachers under CFG 2 so far: 76, 84, 86, 86, 88%).
+phase, run under both kernel sets from one autoencoder, trained teachers 0.2% apart (losses 1.4e-4 apart on average
+over the 6,000 steps; both 86%) from the AVX2 run's autoencoder, but from the AVX-512 run's its losses parted at step
+38 and the teachers ended 97% apart, 76% and 84%. So which model a run trains is a draw that no kernel or precision
+setting removes, and a recipe is judged by several runs, not one (teachers under CFG 2 so far: 76, 84, 86, 86, 88%).
 
 The pipeline folder (``OUT/tiny-flux``, with ``h2cache_embedded.json`` giving native size, sequence length, step
 count, guidance and the training record) is rewritten at every checkpoint of the distillation, so a run stopped in
