@@ -76,8 +76,13 @@ The autoencoders of the two Intel runs are 18% apart (relative distance of their
 autoencoder in float64 does not stop it: under the two kernel sets, 3.7% apart after 200 of its 800 steps. The flow
 phase, run under both kernel sets from one autoencoder, trained teachers 0.2% apart (losses 1.4e-4 apart on average
 over the 6,000 steps; both 86%) from the AVX2 run's autoencoder, but from the AVX-512 run's its losses parted at step
-38 and the teachers ended 97% apart, 76% and 84%. So which model a run trains is a draw that no kernel or precision
-setting removes, and a recipe is judged by several runs, not one (teachers under CFG 2 so far: 76, 84, 86, 86, 88%).
+38 and the teachers ended 97% apart, 76% and 84%. Yet the colours a teacher confuses come with its autoencoder: from
+the AVX-512 run's, the AVX2-kernel teacher and one at shape weight 8 (see ``SHAPE_LOSS_WEIGHT``) both drew purple as
+blue, red as yellow and swapped green and blue (9 and 12 of the 81 images naming a colour), as the AVX-512 run's
+distilled model did, while the two from the AVX2 run's autoencoder erred 5 times and once, no error twice. The
+autoencoder's draw decides which colours are weak, the flow's how often they fail. So which model a run trains is a
+draw that no kernel or precision setting removes, and a recipe is judged by several runs, not one (teachers under CFG
+2 so far: 76, 84, 86, 86, 88%).
 
 The pipeline folder (``OUT/tiny-flux``, with ``h2cache_embedded.json`` giving native size, sequence length, step
 count, guidance and the training record) is rewritten at every checkpoint of the distillation, so a run stopped in
