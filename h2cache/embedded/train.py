@@ -675,6 +675,22 @@ def _machine() -> dict:
     return {"cpu": cpu, "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+# Every x86-64 CPU of the last decade runs torch's, MKL's and oneDNN's AVX2 kernels; left to choose, each library
+# takes the widest the CPU has (AVX-512 on recent Intel Xeons), and other kernels train other weights.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _kernel_environment(environ, machine: str) -> dict | None:
+    """The environment to rerun the command in so that its kernels are the same on any x86-64 CPU with AVX2, or
+    None when ``environ`` already holds them (or the machine is not x86-64, where these variables mean nothing).
+
+    Libraries read these variables once, when they first compute, so the command reruns itself rather than set
+    them in a process that has already imported torch."""
+    if machine.lower() not in ("x86_64", "amd64") or all(environ.get(k) == v for k, v in PINNED_KERNELS.items()):
+        return None
+    return {**environ, **PINNED_KERNELS}
+
+
 def _pin_to_core(index: int):
     """Keep this process on one core of those it may use, so the two phase processes never share one."""
     cores = sorted(os.sched_getaffinity(0))
@@ -703,6 +719,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-decoder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    environment = _kernel_environment(os.environ, platform.machine())
+    if environment is not None:
+        command = [sys.executable, "-m", "h2cache.embedded.train", *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, command, environment)
     # One thread in every phase: a float32 reduction's result depends on the thread count, so a fixed count is part
     # of what makes the run reproducible; and two single-threaded processes use both cores for phases 2 and 3.
     torch.set_num_threads(1)
