@@ -3,6 +3,8 @@ would, the exported folder loads as a pipeline, and the decoder phase leaves the
 space) untouched."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -181,3 +183,15 @@ def test_shape_weighted_tokens_cover_every_rendered_shape_and_little_else():
             shape_pixels = np.abs(pixels - BACKGROUND_COLOURS[scene.background]).sum(axis=2) > 30
             rows, cols = np.nonzero(shape_pixels)
             assert (weights[rows // 16, cols // 16] == train.SHAPE_LOSS_WEIGHT).all(), scene
+
+
+def test_the_command_reruns_itself_with_the_same_kernels_on_every_x86_cpu():
+    pinned = train._kernel_environment({"HOME": "/root"}, "x86_64")
+    assert pinned == {"HOME": "/root", **train.PINNED_KERNELS}
+    assert train._kernel_environment(pinned, "x86_64") is None  # the rerun itself goes on
+    assert train._kernel_environment({}, "aarch64") is None
+    # what the variables do: torch takes AVX2 kernels even where it would take wider ones
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    held = subprocess.run([sys.executable, "-c", probe], env=pinned, capture_output=True, text=True, check=True)
+    assert held.stdout.strip() == ("AVX2" if free in ("AVX2", "AVX512") else free)

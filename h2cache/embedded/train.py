@@ -2,11 +2,11 @@
 
     python -m h2cache.embedded.train --out /work/train_ckpt
 
-One command trains FLUX.1's 19 + 38 blocks from an empty folder on 2 CPU cores (the shipped
-``h2cache/embedded/tiny-flux`` is still the 4 + 8-block model of an earlier version; the CPU paragraph below says
-why this one is not shipped yet). It is seeded and resumable (kill and rerun the same command: every phase continues
-from its checkpoint in ``OUT``, and every step's data and noise derive from ``(seed, phase, step)``, so a resumed
-run computes what an unbroken one would).
+One command trains FLUX.1's 19 + 38 blocks from an empty folder on 2 CPU cores and, on the Intel Xeon VM that made
+them, reproduces the shipped ``h2cache/embedded/tiny-flux`` byte for byte (the CPU paragraph below says why only
+there). It is seeded and resumable (kill and rerun the same command: every phase continues from its checkpoint in
+``OUT``, and every step's data and noise derive from ``(seed, phase, step)``, so a resumed run computes what an
+unbroken one would).
 
 1. **Autoencoder** (``OUT/autoencoder.pt``). The ``AutoencoderKL`` (4 stages, 8x spatial factor, 16 latent channels
    as in FLUX) learns to reconstruct grammar pictures (L1 + MSE, and a small KL term so that nearby latents decode to
@@ -67,22 +67,26 @@ thread count, so that is part of reproducing the weights; and torch's multi-thre
 over when anything else computes on the same cores). Measured wall times are recorded in ``h2cache_embedded.json``,
 and the machine (``_machine``: CPU, torch, the vector kernels torch chose).
 
-The CPU is part of the recipe too, and so is the draw. The same command, seed and torch gave the same weights twice,
-the second time on a 2-core AMD EPYC VM: 90% of the evaluator's 100 images with every named attribute right. On an
-Intel Xeon VM, where torch runs AVX-512 kernels (other roundings in float32 sums), it trained other weights in 66
-minutes, and worse ones: 69% (colour 73%: of 22 wrong colours, purple drawn as blue 9 times, red as yellow 5), its
-shallow teacher under CFG 2 76%; held to AVX2 kernels on that VM, 85% (teacher 86%). Both phases amplify rounding.
-The autoencoders of the two Intel runs are 18% apart (relative distance of their weights), and training the
-autoencoder in float64 does not stop it: under the two kernel sets, 3.7% apart after 200 of its 800 steps. The flow
-phase, run under both kernel sets from one autoencoder, trained teachers 0.2% apart (losses 1.4e-4 apart on average
-over the 6,000 steps; both 86%) from the AVX2 run's autoencoder, but from the AVX-512 run's its losses parted at step
-38 and the teachers ended 97% apart, 76% and 84%. Yet the colours a teacher confuses come with its autoencoder: from
-the AVX-512 run's, the AVX2-kernel teacher and one at shape weight 8 (see ``SHAPE_LOSS_WEIGHT``) both drew purple as
-blue, red as yellow and swapped green and blue (9 and 12 of the 81 images naming a colour), as the AVX-512 run's
-distilled model did, while the two from the AVX2 run's autoencoder erred 5 times and once, no error twice. The
-autoencoder's draw decides which colours are weak, the flow's how often they fail. So which model a run trains is a
-draw that no kernel or precision setting removes, and a recipe is judged by several runs, not one (teachers under CFG
-2 so far: 76, 84, 86, 86, 88%).
+The CPU is part of the recipe too, and so is the draw. The same command, seed and torch gave the same weights twice, the
+second time on a 2-core AMD EPYC VM: 90% of the evaluator's 100 images with every named attribute right. On an Intel
+Xeon VM, where torch runs AVX-512 kernels (other roundings in float32 sums), it trained other weights in 66 minutes, and
+worse ones: 69% (colour 73%: of 22 wrong colours, purple drawn as blue 9 times, red as yellow 5), its shallow teacher
+under CFG 2 76%; held to AVX2 kernels on that VM, 85% (teacher 86%): the shipped weights, trained in 88 minutes
+(autoencoder 5, flow phase 83: its AVX2 kernels are slower there than the AVX-512 ones). So on x86-64 the command holds
+torch, MKL and oneDNN to their AVX2 kernels itself (``PINNED_KERNELS``: it reruns itself with them set), which every
+such CPU of the last decade runs; rerun so on that VM, it trains the shipped autoencoder again byte for byte, and
+exporting that run's checkpoints with this script writes the shipped folder's bytes. Held kernels do not make other CPUs
+agree, though: both phases amplify rounding. The autoencoders of the two Intel runs are 18% apart (relative distance of
+their weights), and training the autoencoder in float64 does not stop it: under the two kernel sets, 3.7% apart after
+200 of its 800 steps. The flow phase, run under both kernel sets from one autoencoder, trained teachers 0.2% apart
+(losses 1.4e-4 apart on average over the 6,000 steps; both 86%) from the AVX2 run's autoencoder, but from the AVX-512
+run's its losses parted at step 38 and the teachers ended 97% apart, 76% and 84%. Yet the colours a teacher confuses
+come with its autoencoder: from the AVX-512 run's, the AVX2-kernel teacher and one at shape weight 8 (see
+``SHAPE_LOSS_WEIGHT``) both drew purple as blue, red as yellow and swapped green and blue (9 and 12 of the 81 images
+naming a colour), as the AVX-512 run's distilled model did, while the two from the AVX2 run's autoencoder erred 5 times
+and once, no error twice. The autoencoder's draw decides which colours are weak, the flow's how often they fail. So
+which model a run trains on another CPU is a draw that no kernel or precision setting removes, and a recipe is judged by
+several runs, not one (teachers under CFG 2 so far: 76, 84, 86, 86, 88%).
 
 The pipeline folder (``OUT/tiny-flux``, with ``h2cache_embedded.json`` giving native size, sequence length, step
 count, guidance and the training record) is rewritten at every checkpoint of the distillation, so a run stopped in
@@ -675,6 +679,22 @@ def _machine() -> dict:
     return {"cpu": cpu, "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+# Every x86-64 CPU of the last decade runs torch's, MKL's and oneDNN's AVX2 kernels; left to choose, each library
+# takes the widest the CPU has (AVX-512 on recent Intel Xeons), and other kernels train other weights.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _kernel_environment(environ, machine: str) -> dict | None:
+    """The environment to rerun the command in so that its kernels are the same on any x86-64 CPU with AVX2, or
+    None when ``environ`` already holds them (or the machine is not x86-64, where these variables mean nothing).
+
+    Libraries read these variables once, when they first compute, so the command reruns itself rather than set
+    them in a process that has already imported torch."""
+    if machine.lower() not in ("x86_64", "amd64") or all(environ.get(k) == v for k, v in PINNED_KERNELS.items()):
+        return None
+    return {**environ, **PINNED_KERNELS}
+
+
 def _pin_to_core(index: int):
     """Keep this process on one core of those it may use, so the two phase processes never share one."""
     cores = sorted(os.sched_getaffinity(0))
@@ -703,6 +723,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-decoder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    environment = _kernel_environment(os.environ, platform.machine())
+    if environment is not None:
+        command = [sys.executable, "-m", "h2cache.embedded.train", *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, command, environment)
     # One thread in every phase: a float32 reduction's result depends on the thread count, so a fixed count is part
     # of what makes the run reproducible; and two single-threaded processes use both cores for phases 2 and 3.
     torch.set_num_threads(1)
