@@ -31,6 +31,7 @@ from eval.weights import (
     format_missing,
     sha256_of_file,
 )
+from h2cache.embedded.grammar import Scene, render
 
 CLIP_RELATIVE = "clip/RN50.pt"
 ALEXNET_RELATIVE = f"torch/hub/checkpoints/{ALEXNET_CHECKPOINT}"
@@ -98,6 +99,32 @@ def test_identical_images_give_infinite_psnr_and_unit_ssim():
     image, _ = textured_pair()
     assert psnr(image, image.copy()) == math.inf
     assert ssim(image, image.copy()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_identical_pictures_with_flat_backgrounds_give_ssim_exactly_1():
+    """torchmetrics in float32 scores such a pair 0.999: its variances there are rounding noise."""
+    picture = np.asarray(render(Scene("small", "yellow", "circle", "right", "white"), size=64, rng=None))
+    assert ssim(picture, picture.copy()) == 1.0
+
+
+def test_ssim_is_torchmetrics_ssim_computed_in_float64():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pairs = [textured_pair(size=(48, 80), amplitude=30, seed=3)]
+    picture = np.asarray(render(Scene("large", "purple", "square", "top", "gray"), size=64, rng=None))
+    pairs.append(
+        (picture, np.clip(picture.astype(int) + np.random.default_rng(0).integers(-9, 10, picture.shape), 0, 255))
+    )
+    for reference, image in pairs:
+        expected = structural_similarity_index_measure(
+            to_unit_tensor(np.asarray(image, dtype=np.uint8), torch.float64),
+            to_unit_tensor(np.asarray(reference, dtype=np.uint8), torch.float64),
+            gaussian_kernel=True,
+            sigma=1.5,
+            kernel_size=11,
+            data_range=1.0,
+        )
+        assert ssim(np.asarray(image, dtype=np.uint8), reference) == pytest.approx(expected.item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("offset", [16, 40])
