@@ -37,15 +37,20 @@ def psnr_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tens
     return 10 * torch.log10(1.0 / mse)
 
 
+def _unit_pair(image: ImageLike, reference: ImageLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both pictures' uint8 pixels as float64 in [0,1]: float32 pixels alone shift PSNR by up to ~1e-7 dB and
+    round SSIM's 1/255 steps before its float64 arithmetic."""
+    image_pixels, reference_pixels = load_pair(image, reference)
+    return to_unit_tensor(image_pixels, torch.float64), to_unit_tensor(reference_pixels, torch.float64)
+
+
 def psnr(image: ImageLike, reference: ImageLike) -> float:
     """PSNR in dB of one image against its reference (``float('inf')`` if identical)."""
-    image_pixels, reference_pixels = load_pair(image, reference)
-    as_float64 = torch.float64  # float32 pixels alone shift PSNR by up to ~1e-7 dB
-    return psnr_per_image(to_unit_tensor(image_pixels, as_float64), to_unit_tensor(reference_pixels, as_float64)).item()
+    return psnr_per_image(*_unit_pair(image, reference)).item()
 
 
-def _gaussian_window(dtype: torch.dtype) -> torch.Tensor:
-    offsets = torch.arange(SSIM_KERNEL_SIZE, dtype=dtype) - (SSIM_KERNEL_SIZE - 1) / 2
+def _gaussian_window() -> torch.Tensor:
+    offsets = torch.arange(SSIM_KERNEL_SIZE, dtype=torch.float64) - (SSIM_KERNEL_SIZE - 1) / 2
     weights = torch.exp(-((offsets / SSIM_SIGMA) ** 2) / 2)
     return weights / weights.sum()
 
@@ -63,7 +68,7 @@ def ssim_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tens
     """SSIM of each ``N×3×H×W`` image in [0,1] against its reference (gaussian 11/1.5, ``data_range=1``)."""
     pad = (SSIM_KERNEL_SIZE - 1) // 2
     x, y = (F.pad(t.to(torch.float64), (pad, pad, pad, pad), mode="reflect") for t in (images, references))
-    window = _gaussian_window(torch.float64)
+    window = _gaussian_window()
     mu_x, mu_y, mean_xx, mean_yy, mean_xy = (
         _filter_valid(_filter_valid(t, window, dim=2), window, dim=3) for t in (x, y, x * x, y * y, x * y)
     )
@@ -75,10 +80,7 @@ def ssim_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tens
 
 def ssim(image: ImageLike, reference: ImageLike) -> float:
     """SSIM of one image against its reference, on its uint8 pixels."""
-    image_pixels, reference_pixels = load_pair(image, reference)
-    return ssim_per_image(
-        to_unit_tensor(image_pixels, torch.float64), to_unit_tensor(reference_pixels, torch.float64)
-    ).item()
+    return ssim_per_image(*_unit_pair(image, reference)).item()
 
 
 class Lpips:
