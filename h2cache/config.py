@@ -270,7 +270,7 @@ class H2ForecastConfig(MethodConfig):
             steps, and 7.0% at 47.1 dB (43.6) at 100; the former defaults, no floor and ``max_run`` 0.24, 14.6% at
             47.4 dB (42.7) and 6.9% at 45.9 dB (37.9). 0 lets the probe decide from the first forecast; at or above
             ``max_run`` every run is ``max_run`` long (a fixed schedule); ignored for a stage whose threshold is 0
-            (nothing is forecast).
+            (nothing is forecast) and on a bare transformer (the step count is unknown).
         warmup (`int`, defaults to 2):
             Leading steps computed in full, so that the first forecast already has a first difference.
         mode (`str`, defaults to "chained"):
