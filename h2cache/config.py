@@ -263,14 +263,15 @@ class H2ForecastConfig(MethodConfig):
             Shortest run: after a stage computes, it is forecast whole, probe not run, for this share of the call's
             steps (0.16: 8 of 50, 16 of 100), and its probe decides only between ``min_run`` and ``max_run``. A
             just-computed stage's forecast is at its most accurate, so its probe would cost a block to say so; and
-            early in the trajectory the probe's relative error is large (0.5-1.5 before step 12 of 50 on the embedded
-            model, 0.1-0.3 later) while the image barely shows it: left to the probes, the stages recompute in the
-            first steps and leave long runs late. On the shipped embedded model (six grammar prompts, PSNR against
-            the uncached image) the defaults compute 12.1% of the blocks at 47.4 dB mean (43.9 dB at worst) at 50
-            steps, and 7.0% at 47.1 dB (43.6) at 100; the former defaults, no floor and ``max_run`` 0.24, 14.6% at
-            47.4 dB (42.7) and 6.9% at 45.9 dB (37.9). 0 lets the probe decide from the first forecast; at or above
-            ``max_run`` every run is ``max_run`` long (a fixed schedule); ignored for a stage whose threshold is 0
-            (nothing is forecast) and on a bare transformer (the step count is unknown).
+            early in the trajectory the probe's relative error is large (on the embedded model at 50 steps, after ten
+            forecasts: 1.5-2.5 in the first run, 0.4-1.0 in the second, 0.15-0.35 later) while the image barely shows
+            it: left to the probes, the stages recompute in the first steps and leave long runs late. On the shipped
+            embedded model (six grammar prompts, PSNR against the uncached image) the defaults compute 12.1% of the
+            blocks at 47.4 dB mean (43.9 dB at worst) at 50 steps, and 7.0% at 47.1 dB (43.6) at 100; the former
+            defaults, no floor and ``max_run`` 0.24, 14.6% at 47.4 dB (42.7) and 6.9% at 45.9 dB (37.9). 0 lets the
+            probe decide from the first forecast; at or above ``max_run`` every run is ``max_run`` long (a fixed
+            schedule); ignored for a stage whose threshold is 0 (nothing is forecast) and on a bare transformer (the
+            step count is unknown).
         warmup (`int`, defaults to 2):
             Leading steps computed in full, so that the first forecast already has a first difference.
         mode (`str`, defaults to "chained"):
