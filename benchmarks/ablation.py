@@ -2,9 +2,9 @@
 
     python benchmarks/ablation.py --steps 28,50,100 --out results/ablation
 
-``h2-forecast`` with ``distance="anchor", order=0, max_run=None, warmup=1, mode="official", lazy_probes=0`` *is*
-H2-Cache's rule (tests/test_h2_forecast.py checks it decides and computes exactly as ``h2``), so each row below
-changes one thing:
+``h2-forecast`` with ``distance="anchor", order=0, max_run=None, warmup=1, mode="official", lazy_probes=0,
+min_run=0`` *is* H2-Cache's rule (tests/test_h2_forecast.py checks it decides and computes exactly as ``h2``), so each
+row below changes one thing:
 
   - stale residuals: a hit adds a forecast (order 1 / 2) instead of the residual of the last miss;
   - long hit runs: at most 8% of the steps (4 of 50) hit in a row per stage;
@@ -27,7 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import BenchConfig, BlockCounter, Installer, load_model, measure, run_once  # noqa: E402
 
-PAPER_RULE = {"distance": "anchor", "order": 0, "max_run": None, "warmup": 1, "mode": "official", "lazy_probes": 0}
+PAPER_RULE = {
+    "distance": "anchor",
+    "order": 0,
+    "max_run": None,
+    "warmup": 1,
+    "mode": "official",
+    "lazy_probes": 0,
+    "min_run": 0,
+}
 TAUS = {"tau1": 0.15, "tau2": 0.22}
 ROWS = [
     ("H2-Cache's rule (h2, 0.15 / 0.22)", {}),

@@ -14,7 +14,7 @@ from h2cache.methods.h2_forecast import H2Forecast, StageHistory
 from h2cache.trace import FORCED, HIT, MISS, StageDecision
 
 HITTING = {"tau1": 2.0, "tau2": 2.0, "max_run": 0.2}  # 3 of 16 steps, 2 of 10
-EVERY_PROBE = {**HITTING, "lazy_probes": 0}  # every judged stage runs its probe: one block per forecast stage
+EVERY_PROBE = {**HITTING, "lazy_probes": 0, "min_run": 0}  # every forecast stage runs its probe: one block
 
 
 def test_zero_thresholds_are_bit_identical_to_no_cache(make_pipe, run):
@@ -215,6 +215,8 @@ def test_chained_mode_keeps_the_whole_stage_residual_beside_the_rest(make_pipe, 
         ({"lazy_probes": 1.5}, "lazy_probes"),
         ({"lazy_probes": -0.25}, "lazy_probes"),
         ({"lazy_probes": "0.5"}, "lazy_probes"),
+        ({"min_run": 1.0, "max_run": None}, "min_run"),
+        ({"min_run": -0.1}, "min_run"),
     ],
 )
 def test_parameters_are_validated(make_pipe, params, field):
@@ -228,7 +230,15 @@ def test_anchor_distance_without_forecast_cap_or_warmup_is_exactly_h2(make_pipe,
     h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
     expected = run(pipe, steps=14)
     expected_trace = h2cache.stats(pipe)
-    paper_rule = {"distance": "anchor", "order": 0, "max_run": None, "warmup": 1, "mode": "official", "lazy_probes": 0}
+    paper_rule = {
+        "distance": "anchor",
+        "order": 0,
+        "max_run": None,
+        "warmup": 1,
+        "mode": "official",
+        "lazy_probes": 0,
+        "min_run": 0,
+    }
     h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **paper_rule)
     latents = run(pipe, steps=14)
     assert h2cache.stats(pipe) == expected_trace and any(r["stage1"] == HIT for r in expected_trace)
@@ -258,7 +268,7 @@ def test_lazy_probes_forecast_a_stage_whole_without_running_a_block(make_pipe, r
 
 
 def test_a_probe_is_skipped_while_its_distance_grown_linearly_stays_below_the_share_of_the_threshold():
-    method = H2Forecast(H2ForecastConfig(distance="anchor", lazy_probes=0.75, max_run=None))
+    method = H2Forecast(H2ForecastConfig(distance="anchor", lazy_probes=0.75, max_run=None, min_run=0))
     history = StageHistory(anchor=torch.ones(1, 4), previous=torch.ones(1, 4), computed_steps=[3])
     history.whole_differences = [torch.zeros(1, 4)]
     method.judge(history, torch.full((1, 4), 1.2), threshold=0.5, step=7)
@@ -269,9 +279,30 @@ def test_a_probe_is_skipped_while_its_distance_grown_linearly_stays_below_the_sh
     history.hits_in_row = 12
     assert not H2Forecast(H2ForecastConfig(lazy_probes=0.75)).skips_probe(history, 0.3, 4, num_steps=50)  # the cap
     history.hits_in_row = 0
-    assert not H2Forecast(H2ForecastConfig(lazy_probes=0)).skips_probe(history, 0.3, 4, num_steps=50)
+    assert not H2Forecast(H2ForecastConfig(lazy_probes=0, min_run=0)).skips_probe(history, 0.3, 4, num_steps=50)
     history.whole_differences = []
     assert not method.skips_probe(history, 0.3, 4, num_steps=50)  # nothing to forecast the whole stage from
+
+
+def test_a_stage_is_forecast_without_its_probe_for_min_run_and_judged_until_max_run(make_pipe, run):
+    # 20 steps: after each computation 3 forecasts without a probe (0.16), then the probe decides, up to 4 (0.2)
+    pipe = make_pipe()
+    h2cache.apply(pipe, "h2-forecast", tau1=2.0, tau2=2.0, min_run=0.16, max_run=0.2, lazy_probes=0)
+    run(pipe, steps=20)
+    trace = h2cache.stats(pipe)
+    runs = []
+    for record in trace[1:]:  # from the warm-up's last computation
+        if record["stage1"] == MISS:
+            runs.append([])
+        else:
+            runs[-1].append(record["d1"] is not None)
+    assert len(runs) >= 3 and all(len(r) <= 4 for r in runs)
+    assert all(r[:3] == [False] * min(3, len(r)) and all(r[3:]) for r in runs)  # unprobed first, probed after
+    assert all(r["double_blocks_run"] == 0 for r in trace if r["stage1"] == HIT and r["d1"] is None)
+    # a zero threshold forecasts nothing, floor or not
+    h2cache.apply(pipe, "h2-forecast", tau1=0, tau2=0, min_run=0.16)
+    run(pipe, steps=20)
+    assert all(r["stage1"] == r["stage2"] == MISS for r in h2cache.stats(pipe))
 
 
 def test_an_unprobed_stage_adds_its_whole_residual_forecast():

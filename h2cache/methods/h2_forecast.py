@@ -13,8 +13,9 @@ compared with earlier ones. Unlike H2-Cache:
     one block);
   - a probe whose distance, grown linearly from the last one measured, would still be well below the threshold is
     not run (``lazy_probes``): the stage is forecast whole, probe included, and a step can run no block at all;
-  - the first ``warmup`` steps are computed, and a stage is recomputed after ``max_run`` (a share of the call's
-    steps) forecasts in a row.
+  - the first ``warmup`` steps are computed; a stage is forecast at least ``min_run`` and at most ``max_run`` (shares
+    of the call's steps) in a row, its probe deciding in between: early in a run the probe's error is small and
+    measuring it buys nothing, and early in the trajectory it overstates what the image will show.
 
 Everything is per sample where it can be: distances accumulate per sample, and a stage is forecast only when every
 sample of the batch is below the threshold; the forecast itself is elementwise, so each sample extrapolates its own
@@ -85,7 +86,7 @@ class H2Forecast(CacheMethod):
     @property
     def keeps_whole_stage(self) -> bool:
         """Whether a stage can be forecast whole, probe included, so its whole residual's differences are kept."""
-        return self.config.mode == "chained" or self.config.lazy_probes > 0
+        return self.config.mode == "chained" or self.config.lazy_probes > 0 or self.config.min_run > 0
 
     def step(self, run, state: H2ForecastState, streams):
         config = self.config
@@ -119,16 +120,22 @@ class H2Forecast(CacheMethod):
         return output, decision
 
     def skips_probe(self, history: StageHistory, threshold: float, step: int, num_steps) -> bool:
-        """Whether the probe's distance, grown at its last measured rate, stays below ``lazy_probes`` of the threshold.
+        """Whether the stage is forecast whole without its probe: for the first ``min_run`` forecasts after its last
+        computation, and later while the probe's distance, grown at its last measured rate, would stay below
+        ``lazy_probes`` of the threshold.
 
         The distance of a forecast grows about linearly with the steps since the stage's last computation, so a
         probe far below the threshold mostly confirms what its rate already says: skipping it saves a block per
         stage and step, and the threshold's margin (``1 - lazy_probes``) absorbs the rate's error.
         """
-        lazy = self.config.lazy_probes
-        if not lazy or history.slope is None or not history.whole_differences:
+        if threshold <= 0 or not history.whole_differences:
             return False
         if step < self.config.warmup or self.capped(history, num_steps):
+            return False
+        if history.hits_in_row < self.run_steps(self.config.min_run, num_steps):
+            return True
+        lazy = self.config.lazy_probes
+        if not lazy or history.slope is None:
             return False
         return history.slope * (step - history.computed_steps[-1]) < lazy * threshold
 
@@ -149,7 +156,14 @@ class H2Forecast(CacheMethod):
         """Whether the stage has been forecast ``max_run`` (a share of the call's steps) times in a row."""
         if self.config.max_run is None or num_steps is None:
             return False
-        return history.hits_in_row >= max(1, math.floor(self.config.max_run * num_steps + 1e-9))
+        return history.hits_in_row >= max(1, self.run_steps(self.config.max_run, num_steps))
+
+    @staticmethod
+    def run_steps(share: float | None, num_steps: int | None) -> int:
+        """A run length given as a share of the call's steps, in steps (0 when either is unknown)."""
+        if share is None or num_steps is None:
+            return 0
+        return math.floor(share * num_steps + 1e-9)
 
     def advance(
         self,
