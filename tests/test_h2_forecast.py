@@ -1,5 +1,7 @@
 """H2-Forecast: H2-Cache's probes decide, a forecast of the stage residual replaces it on a hit."""
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +14,9 @@ import h2cache
 from h2cache.config import H2ForecastConfig
 from h2cache.methods.h2_forecast import H2Forecast, StageHistory
 from h2cache.trace import FORCED, HIT, MISS, StageDecision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from ablation import PAPER_RULE  # noqa: E402  (the settings the ablation starts from, tested to be H2-Cache's rule)
 
 HITTING = {"tau1": 2.0, "tau2": 2.0, "max_run": 0.2}  # 3 of 16 steps, 2 of 10
 EVERY_PROBE = {**HITTING, "lazy_probes": 0, "min_run": 0}  # every forecast stage runs its probe: one block
@@ -230,16 +235,7 @@ def test_anchor_distance_without_forecast_cap_or_warmup_is_exactly_h2(make_pipe,
     h2cache.apply(pipe, "h2", tau1=0.1, tau2=0.15)
     expected = run(pipe, steps=14)
     expected_trace = h2cache.stats(pipe)
-    paper_rule = {
-        "distance": "anchor",
-        "order": 0,
-        "max_run": None,
-        "warmup": 1,
-        "mode": "official",
-        "lazy_probes": 0,
-        "min_run": 0,
-    }
-    h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **paper_rule)
+    h2cache.apply(pipe, "h2-forecast", tau1=0.1, tau2=0.15, **PAPER_RULE)
     latents = run(pipe, steps=14)
     assert h2cache.stats(pipe) == expected_trace and any(r["stage1"] == HIT for r in expected_trace)
     assert torch.equal(latents, expected)
