@@ -83,7 +83,7 @@ SUPERSAMPLING = 4
 ATTRIBUTES = ("size", "colour", "shape", "position", "background")
 # Probability that a partial training caption leaves an attribute out (each independently): about 17% of them still
 # name all five, and every subset is seen.
-ATTRIBUTE_DROPOUT = 0.3
+ATTRIBUTE_DROPOUT = 0.5
 UNNAMED_SHAPE_WORD = "shape"
 
 

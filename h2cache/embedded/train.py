@@ -192,7 +192,7 @@ SHALLOW_LR = 2e-3
 # squares again, 3 without a position); the logit-normal timestep density centred at -0.5 (more steps at low noise,
 # where corners form), 87% (shape 91%, colour 96%, background 97%). Its squares fill 82-99% of their box (the
 # checker's midpoint is 89%), its circles 72-88%: the shapes are ambiguous before any checker reads them.
-FULL_CAPTION_STEPS = 4000
+FULL_CAPTION_STEPS = 3000
 # The 19 + 38-block model, grown from the shallow one, learns to reproduce its guided velocity (a distillation).
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
 # 0.014 and the grown model drew what the shallow one drew (named colour / shape / position 78 / 47 / 94% against
@@ -223,7 +223,7 @@ WARMUP_STEPS = 200
 # autoencoders (AVX-512 kernels, teacher only, CFG 2, 20 steps): 81% against 76% at 4x (colour 85 against 77%, shape
 # 91%) and 89% against 86% (colour 99 against 94%, shape 87 against 90%). Colour gains, shape does not, and both gains
 # lie within what one autoencoder's draws spread (76 and 84% at 4x under the two kernel sets): not the default yet.
-SHAPE_LOSS_WEIGHT = 4.0
+SHAPE_LOSS_WEIGHT = 8.0
 # Random-stream ids of the phases without a number of their own above.
 POOL_PHASE = 4
 DISTIL_PHASE = 5
