@@ -201,8 +201,8 @@ SHALLOW_LR = 2e-3
 # squares again, 3 without a position); the logit-normal timestep density centred at -0.5 (more steps at low noise,
 # where corners form), 87% (shape 91%, colour 96%, background 97%). Its squares fill 82-99% of their box (the checker's
 # midpoint is 89%), its circles 72-88%: the shapes are ambiguous before any checker reads them. That teacher with
-# partial captions at dropout 0.5 (AVX-512): 88% (shape 88%, 8 of 9 wrong shapes squares). The shipped recipe's
-# distilled model draws better than its teacher (93% against 88%); see ``SHAPE_LOSS_WEIGHT``.
+# partial captions at dropout 0.5 (AVX-512): 88% (shape 88%, 8 of 9 wrong shapes squares). What the shipped recipe's
+# teacher and distilled model found: see ``SHAPE_LOSS_WEIGHT``.
 FULL_CAPTION_STEPS = 3000
 # The 19 + 38-block model, grown from the shallow one, learns to reproduce its guided velocity (a distillation).
 # Without guidance, 300 steps from a 4 + 8-block model at 64 channels took the distance to the teacher from 0.93 to
