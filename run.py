@@ -31,6 +31,7 @@ INTERVAL = ORDER = None  # taylorseer / hicache interval, and their / h2-forecas
 TAU1 = TAU2 = None  # structure / detail thresholds (None: the method's; h2: 0.15 / 0.22, the authors' values)
 MAX_RUN = None  # h2-forecast: longest run of forecasts, a share of the steps (None: the method's default)
 MIN_RUN = None  # h2-forecast: forecasts after a computation before the probe decides, a share of the steps
+WARMUP = None  # h2-forecast: leading steps computed in full (None: the method's, 1)
 LAZY_PROBES = None  # h2-forecast: skip probes predicted below this share of tau (0: every probe; None: the method's)
 POOL1, POOL2 = 2048, 384  # PFS divisors: pooling kernel = max(1, tokens // divisor)
 MODE = None  # official: a stage-1 hit forces stage 2 | independent: stage 2 judged alone | chained (h2-forecast)
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=MIN_RUN,
         help="H2-Forecast: forecasts after a stage computes before its probe decides, as a share of the steps",
         shown="the method's: 0.16",
+    )
+    arg(
+        "--warmup",
+        type=int,
+        default=WARMUP,
+        help="H2-Forecast: leading steps computed in full before any forecast",
+        shown="the method's: 1",
     )
     arg(
         "--lazy-probes",

@@ -265,15 +265,25 @@ class H2ForecastConfig(MethodConfig):
             just-computed stage's forecast is at its most accurate, so its probe would cost a block to say so; and
             early in the trajectory the probe's relative error is large (on the embedded model at 50 steps, after ten
             forecasts: 1.5-2.5 in the first run, 0.4-1.0 in the second, 0.15-0.35 later) while the image barely shows
-            it: left to the probes, the stages recompute in the first steps and leave long runs late. On the shipped
-            embedded model (six grammar prompts, PSNR against the uncached image) the defaults compute 12.1% of the
-            blocks at 47.4 dB mean (43.9 dB at worst) at 50 steps, and 7.0% at 47.1 dB (43.6) at 100; the former
-            defaults, no floor and ``max_run`` 0.24, 14.6% at 47.4 dB (42.7) and 6.9% at 45.9 dB (37.9). 0 lets the
-            probe decide from the first forecast; at or above ``max_run`` every run is ``max_run`` long (a fixed
-            schedule); ignored for a stage whose threshold is 0 (nothing is forecast) and on a bare transformer (the
-            step count is unknown).
-        warmup (`int`, defaults to 2):
-            Leading steps computed in full, so that the first forecast already has a first difference.
+            it: left to the probes, the stages recompute in the first steps and leave long runs late. On the
+            embedded model of commit cd41e16 (six grammar prompts, PSNR against the uncached image, ``warmup`` 2)
+            these run windows computed 12.1% of the blocks at 47.4 dB mean (43.9 dB at worst) at 50 steps, and 7.0% at
+            47.1 dB (43.6) at 100; no floor and ``max_run`` 0.24, 14.6% at 47.4 dB (42.7) and 6.9% at 45.9 dB (37.9).
+            0 lets the probe decide from the first forecast; at or above ``max_run`` every run is ``max_run`` long (a
+            fixed schedule); ignored for a stage whose threshold is 0 (nothing is forecast) and on a bare transformer
+            (the step count is unknown).
+        warmup (`int`, defaults to 1):
+            Leading steps computed in full before any forecast. With one, the stages are forecast from the first
+            step's residual alone (order 0 until a second computation) through the first ``min_run`` of the steps,
+            where the trajectory's noise still hides what the residual's change would draw. A second warm-up step
+            (a first difference from the start) costs a full step, which the same PSNR does not repay at 28 or 50
+            steps. On the shipped embedded model (six grammar prompts, each of the frontier's ten threshold and run
+            window settings, warmup 1 against 2): at 28 steps the defaults compute 18.0% of the blocks at 45.5 dB mean
+            (42.6 at worst) against 21.5% at 47.3 dB, and the cheapest setting 14.4% at 43.3 dB against 18.0% at 44.0;
+            at 50 steps 10.1% at 45.4 dB against 12.0% at 46.7, and 8.2% at 43.1 dB against 10.2% at 43.8. At every
+            level from 40 to 50 dB warmup 1 needs fewer blocks at 28 and 50 steps (40 dB: 14.4 against 18.0% at 28,
+            8.2 against 10.2% at 50); at 100 steps the two fall on one curve (defaults 5.8% at 44.9 dB against 6.8% at
+            47.4; 7.2% at 48.2 against 8.3% at 50.3).
         mode (`str`, defaults to "chained"):
             "chained": a stage-1 hit forecasts stage 2 whole, its probe included, so a step where both stages are
             forecast runs at most one block (1 of FLUX.1's 57 instead of 2); stage 2 is judged on its probe when
@@ -303,7 +313,7 @@ class H2ForecastConfig(MethodConfig):
     basis: str = "hermite"
     scale: float = 0.5
     max_run: float | None = 0.2
-    warmup: int = 2
+    warmup: int = 1
     mode: str = "chained"
     lazy_probes: float = 0.5
     min_run: float = 0.16

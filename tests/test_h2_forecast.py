@@ -39,7 +39,7 @@ def test_trace_has_h2_cache_keys_and_counts_what_ran(make_pipe, run):
     h2_keys = {key for record in h2cache.stats(pipe) for key in record}
     counts = count_block_calls(pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks)
     # independent mode judges both probes at every step (the chained default is counted in its own test)
-    h2cache.apply(pipe, "h2-forecast", mode="independent", **EVERY_PROBE)
+    h2cache.apply(pipe, "h2-forecast", mode="independent", warmup=2, **EVERY_PROBE)
     run(pipe, steps=16)
     trace = h2cache.stats(pipe)
     assert all(set(record) == h2_keys for record in trace)
@@ -271,7 +271,7 @@ def test_a_probe_is_skipped_while_its_distance_grown_linearly_stays_below_the_sh
     assert history.slope == pytest.approx(0.2 / 4)  # the measured distance per step since the computation
     # 0.05 per step against 0.75 of 0.3: skipped while 0.05 k < 0.225, i.e. up to 4 steps after the computation
     assert [method.skips_probe(history, 0.3, step, num_steps=50) for step in (4, 7, 8)] == [True, True, False]
-    assert not method.skips_probe(history, 0.3, 1, num_steps=50)  # warm-up
+    assert not method.skips_probe(history, 0.3, 0, num_steps=50)  # warm-up
     history.hits_in_row = 12
     assert not H2Forecast(H2ForecastConfig(lazy_probes=0.75)).skips_probe(history, 0.3, 4, num_steps=50)  # the cap
     history.hits_in_row = 0
@@ -287,7 +287,8 @@ def test_a_stage_is_forecast_without_its_probe_for_min_run_and_judged_until_max_
     run(pipe, steps=20)
     trace = h2cache.stats(pipe)
     runs = []
-    for record in trace[1:]:  # from the warm-up's last computation
+    assert [r["stage1"] for r in trace[:2]] == [MISS, HIT]  # one warm-up step (the default), then forecasts
+    for record in trace:
         if record["stage1"] == MISS:
             runs.append([])
         else:

@@ -245,10 +245,10 @@ def test_each_method_gets_its_own_defaults_unless_a_flag_is_given(method, tmp_pa
 
     config = run.validate(run.build_parser().parse_args(["--method", method, "--out", str(tmp_path)]))[0]
     assert config == METHODS[method][0]()
-    flags = ["--method", method, "--tau1", "0.05", "--max-run", "0.1", "--lazy-probes", "0"]
+    flags = ["--method", method, "--tau1", "0.05", "--max-run", "0.1", "--lazy-probes", "0", "--warmup", "2"]
     config = run.validate(run.build_parser().parse_args(flags))[0]
     assert config.tau1 == 0.05 and getattr(config, "max_run", 0.1) == 0.1
-    assert getattr(config, "lazy_probes", 0) == 0
+    assert getattr(config, "lazy_probes", 0) == 0 and getattr(config, "warmup", 2) == 2
 
 
 def test_h2_forecast_runs_from_the_command_line(tmp_path):
