@@ -104,8 +104,8 @@ def h2cache_sweep(steps: int) -> list[BenchConfig]:
 H2_FORECAST_SWEEP = (
     # Threshold and run window together, from the cheap end to the faithful one: a stage computes, is forecast for
     # min_run of the steps unprobed, then its probe decides until max_run. On the shipped model (50 steps, six
-    # prompts, warmup 1) they computed 8.2 / 10.1 (the defaults) / 12.3 / 14.3 / 18.3% of the blocks at 43.1 / 45.4 /
-    # 47.4 / 50.0 / 52.7 dB.
+    # prompts, warmup 1) they computed 8.2 / 10.2 (the defaults) / 12.3 / 14.3 / 17.0% of the blocks at 41.5 / 46.1 /
+    # 47.4 / 49.4 / 51.5 dB.
     [
         {"tau1": t, "tau2": t, "min_run": low, "max_run": high}
         for t, low, high in (

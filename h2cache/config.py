@@ -276,14 +276,14 @@ class H2ForecastConfig(MethodConfig):
             Leading steps computed in full before any forecast. With one, the stages are forecast from the first
             step's residual alone (order 0 until a second computation) through the first ``min_run`` of the steps,
             where the trajectory's noise still hides what the residual's change would draw. A second warm-up step
-            (a first difference from the start) costs a full step, which the same PSNR does not repay at 28 or 50
-            steps. On the shipped embedded model (six grammar prompts, each of the frontier's ten threshold and run
+            (a first difference from the start) costs a full step, which the same PSNR does not repay at 28 or 50 steps.
+            On the embedded model of commit a18915f (six grammar prompts, each of the frontier's ten threshold and run
             window settings, warmup 1 against 2): at 28 steps the defaults compute 18.0% of the blocks at 45.5 dB mean
             (42.6 at worst) against 21.5% at 47.3 dB, and the cheapest setting 14.4% at 43.3 dB against 18.0% at 44.0;
             at 50 steps 10.1% at 45.4 dB against 12.0% at 46.7, and 8.2% at 43.1 dB against 10.2% at 43.8. At every
-            level from 40 to 50 dB warmup 1 needs fewer blocks at 28 and 50 steps (40 dB: 14.4 against 18.0% at 28,
-            8.2 against 10.2% at 50); at 100 steps the two fall on one curve (defaults 5.8% at 44.9 dB against 6.8% at
-            47.4; 7.2% at 48.2 against 8.3% at 50.3).
+            level from 40 to 50 dB warmup 1 needs fewer blocks at 28 and 50 steps (40 dB: 14.4 against 18.0% at 28, 8.2
+            against 10.2% at 50); at 100 steps the two fall on one curve (defaults 5.8% at 44.9 dB against 6.8% at 47.4;
+            7.2% at 48.2 against 8.3% at 50.3).
         mode (`str`, defaults to "chained"):
             "chained": a stage-1 hit forecasts stage 2 whole, its probe included, so a step where both stages are
             forecast runs at most one block (1 of FLUX.1's 57 instead of 2); stage 2 is judged on its probe when

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not shipped_model_available(), reason="no shippe
 
 # H2-Cache at the authors' thresholds; Block Cache at the README's threshold for this model, the lowest of 0.12, 0.15,
 # 0.2, 0.25, 0.3 and 0.4 that halves the blocks on these prompts: nunchaku's FLUX.1 default 0.12 computes 54% of them
-# and 0.15 49% (57 blocks of which a hit skips 56). Re-derived for each shipped model: the previous one needed 0.2
-# (0.15 computed 51% there).
+# and 0.15 44% (57 blocks of which a hit skips 56). Re-derived for each shipped model: 0.15 for the previous one too
+# (49%), 0.2 for the one before (0.15 computed 51% there).
 @pytest.mark.parametrize(
     "method, params",
     [("h2", {"tau1": [0.15], "tau2": [0.22]}), ("fbcache", {"threshold": [0.15]})],
