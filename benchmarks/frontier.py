@@ -11,13 +11,13 @@ each call's fastest time counts (the overhead benchmark's minimum of interleaved
 images, are the same every time, so the minimum takes out what the machine added. Fidelity is PSNR and SSIM (LPIPS
 when its weights are in --weights-dir) against the uncached image of the same prompt and seed.
 
-Blocks are counted the same way for every family: a block counts as computed when its attention's ``to_q``
-projection ran. Hook-based caches (diffusers' hooks, cache-dit) replace a block's ``forward`` but keep its
-``__call__``, so a forward hook on the block itself fires even when the block is skipped; ``to_q`` runs only inside
-a real attention computation. Caches that skip only some sub-modules of a block (diffusers' TaylorSeer forecasts
-attention and MLP outputs) are counted by their attention. "FLUX.1-costed" charges the same per-step decisions at
-FLUX.1's 19 double + 38 single blocks: a stage whose blocks all ran costs the whole stage, otherwise what ran
-(a stage hit costs its probe).
+Blocks are counted the same way for every family: a block counts as computed when its attention's query
+normalisation (``norm_q``) ran. Hook-based caches (diffusers' hooks, cache-dit) replace a block's ``forward`` but keep
+its ``__call__``, so a forward hook on the block itself fires even when the block is skipped; ``norm_q`` runs only
+inside a real attention computation, with separate or fused (``to_qkv``) projections alike. Caches that skip only
+some sub-modules of a block (diffusers' TaylorSeer forecasts attention and MLP outputs) are counted by their
+attention. "FLUX.1-costed" charges the same per-step decisions at FLUX.1's 19 double + 38 single blocks: a stage
+whose blocks all ran costs the whole stage, otherwise what ran (a stage hit costs its probe).
 
 Outputs in --out, each written atomically: ``points.json`` (every configuration and prompt), ``frontier.md`` (the
 lowest time ratio per family at mean PSNR >= 35/40/45/50 dB), ``frontier.png`` (Pareto frontiers).
@@ -229,7 +229,7 @@ class Installer:
 
 # --- measuring -----------------------------------------------------------------------------------------------------
 class BlockCounter:
-    """Per transformer forward, how many double and single blocks really computed (their attention's ``to_q``)."""
+    """Per transformer forward, how many double and single blocks really computed (their attention's ``norm_q``)."""
 
     def __init__(self, transformer):
         self.forwards: list[list[int]] = []
@@ -241,7 +241,7 @@ class BlockCounter:
         transformer.register_forward_hook(self._end)
         for stage, blocks in enumerate((transformer.transformer_blocks, transformer.single_transformer_blocks)):
             for block in blocks:
-                block.attn.to_q.register_forward_hook(lambda *_, stage=stage: self._count(stage))
+                block.attn.norm_q.register_forward_hook(lambda *_, stage=stage: self._count(stage))
 
     def _begin(self, *_):
         self.forwards.append([0, 0])

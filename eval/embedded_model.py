@@ -134,13 +134,14 @@ def evaluate(
     else:
         prompts, first_seed = evaluation_prompts(count), FIRST_GENERATION_SEED
     generate(pipe, prompts[0], first_seed, **call)  # warm-up: the first call pays one-off allocation costs
-    images, verdicts = [], []
-    started = time.perf_counter()
+    images, verdicts, seconds = [], [], 0.0
     for index, prompt in enumerate(prompts):
+        started = time.perf_counter()
         image = generate(pipe, prompt, first_seed + index, **call)
+        seconds += time.perf_counter() - started
         images.append(image)
         verdicts.append(check(image, prompt))
-    seconds_per_image = (time.perf_counter() - started) / count
+    seconds_per_image = seconds / count
     report = {
         "set": "validation" if validation else "evaluation",
         "images": count,

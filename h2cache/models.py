@@ -347,6 +347,8 @@ def load_lora(pipe, path: str, scale: float) -> None:
     elif backend == "nunchaku_v2":
         raise SetupError("nunchaku's V2 transformer has no LoRA API: use --nunchaku-class v1 with --lora")
     else:
+        # The adapter wraps to_q / to_k / to_v; a fused to_qkv (the embedded model's loader fuses) would bypass it.
+        pipe.transformer.unfuse_qkv_projections()
         pipe.load_lora_weights(path, adapter_name="h2cache_lora")
         pipe.set_adapters(["h2cache_lora"], adapter_weights=[scale])
 

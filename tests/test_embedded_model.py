@@ -157,6 +157,43 @@ def test_from_pretrained_draws_with_the_arguments_the_readme_names():
     assert all(check(image, scene.caption()).values())
 
 
+def test_loaded_model_fuses_its_projections_without_changing_what_it_draws(pipe):
+    attentions = [
+        block.attn for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks)
+    ]
+    assert all(attention.fused_projections for attention in attentions)
+    prompt, call = SAMPLE_SCENES[3].caption(), {"num_inference_steps": 4, "output_type": "latent"}
+    fused = pipe(prompt, generator=torch.Generator().manual_seed(2), **call).images
+    other = load_folder(SHIPPED_FOLDER)
+    other.transformer.unfuse_qkv_projections()
+    separate = other(prompt, generator=torch.Generator().manual_seed(2), **call).images
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-5)
+
+
+def test_a_lora_changes_what_the_fused_embedded_model_draws(tmp_path):
+    """The loader fuses query, key and value into one projection; a LoRA on the separate ones must still act."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from h2cache.models import load_lora
+
+    trained = load_folder(SHIPPED_FOLDER)
+    trained.transformer.unfuse_qkv_projections()
+    trained.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained.transformer))
+    prompt, call = SAMPLE_SCENES[3].caption(), {"num_inference_steps": 4, "output_type": "latent"}
+    pipe = load_folder(SHIPPED_FOLDER)
+    plain = pipe(prompt, generator=torch.Generator().manual_seed(2), **call).images
+    load_lora(pipe, str(tmp_path / "pytorch_lora_weights.safetensors"), 1.0)
+    adapted = pipe(prompt, generator=torch.Generator().manual_seed(2), **call).images
+    expected = trained(prompt, generator=torch.Generator().manual_seed(2), **call).images
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
 def test_library_never_imports_the_evaluation_tools():
     for path in (ROOT / "h2cache").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -39,7 +39,12 @@ def load_folder(folder: str | Path):
         for key in ("max_sequence_length", "num_inference_steps", "guidance_scale")
         if key in defaults
     }
-    return finish_pipeline(pipe, defaults["native_size"], call_defaults)
+    pipe = finish_pipeline(pipe, defaults["native_size"], call_defaults)
+    # One projection for query, key and value instead of three (diffusers' own option): at this width each linear
+    # costs its call more than its arithmetic. The latents stay bit for bit the same on the CPU (the product's
+    # reduction over the input width does not change), and the image takes about a tenth less time.
+    pipe.transformer.fuse_qkv_projections()
+    return pipe
 
 
 def is_embedded(pipe) -> bool:

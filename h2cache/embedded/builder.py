@@ -194,13 +194,17 @@ def _calling_with_defaults(base: type) -> type:
     """A same-named subclass of ``base`` whose call fills in ``self.h2cache_call_defaults`` for every argument the
     caller did not pass (FluxPipeline's own defaults, such as 512 T5 tokens, are FLUX.1-dev's, not a tiny model's).
 
-    The subclass is made once per pipeline class and only ever given to embedded pipelines' instances."""
+    The subclass is made once per pipeline class and only ever given to embedded pipelines' instances. Its outputs are
+    inference tensors: they can be read and copied freely, but not updated in place or used in autograd."""
     signature = inspect.signature(base.__call__)
 
     def __call__(self, *args, **kwargs):
         passed = signature.bind_partial(self, *args, **kwargs).arguments
         defaults = {key: value for key, value in self.h2cache_call_defaults.items() if key not in passed}
-        return base.__call__(self, *args, **kwargs, **defaults)
+        # Inference mode rather than FluxPipeline's own no_grad: a small model's thousands of tiny ops per image cost
+        # their bookkeeping more than their arithmetic, and skipping the version counters takes about a tenth off.
+        with torch.inference_mode():
+            return base.__call__(self, *args, **kwargs, **defaults)
 
     namespace = {"__call__": __call__, "__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), namespace)
